@@ -1,0 +1,59 @@
+# genlab: the README's commands. `make test` is all CI runs; it installs what it needs itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PACKAGE_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard packages/*/pyproject.toml))
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+OPENCV_DATA := /usr/share/doc/opencv-doc/examples/data
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.genlab-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data test test-fast lint format bench demo clean help
+
+help:
+	@echo "make install   venv + pinned torch + genlab-core + every package (editable)"
+	@echo "make data      Debian data packages: dataset-fashion-mnist, opencv-doc"
+	@echo "make test      install + data, then the whole pytest suite (what CI runs)"
+	@echo "make lint      ruff"
+	@echo "make bench     benchmark scripts in bench/ (prints ratios; appends to bench/RESULTS.md)"
+
+install: $(STAMP)
+
+# Re-runs when a pyproject or the pins change. torch/torchvision go in first so nothing can swap them.
+$(STAMP): constraints.txt shared/pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGE_DIRS))
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt $(TORCH_PINS)
+	$(PIP) install -q -c constraints.txt -e "shared[dev]" $(addprefix -e ,$(PACKAGE_DIRS))
+	$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	touch $@
+
+data:
+	@if [ -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ] && [ -f $(OPENCV_DATA)/vtest.avi ]; then \
+	  echo "data: Fashion-MNIST and the OpenCV samples are present"; \
+	else \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist opencv-doc >/dev/null && \
+	  echo "data: installed dataset-fashion-mnist and opencv-doc"; \
+	fi
+
+test: install data
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: install
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs outputs

@@ -1,0 +1,16 @@
+"""gencore: the thin shared core of genlab.
+
+Four jobs, one submodule each (import what you need; nothing heavy happens at import time):
+
+- :mod:`gencore.attention` — one attention function over pluggable backends, and a KV cache;
+- :mod:`gencore.latents` — the ``LatentCodec`` protocol, identity / diffusers-VAE codecs, the latent cache;
+- :mod:`gencore.data` — real datasets (Fashion-MNIST, OpenCV videos, scikit-image photos, image folders) and
+  LightningDataModules;
+- :mod:`gencore.run`, :mod:`gencore.callbacks`, :mod:`gencore.io`, :mod:`gencore.metrics` — run plumbing over
+  Hydra + Lightning, safetensors export, safe checkpoint loading, and metrics.
+"""
+
+from gencore.attention import KVCache, attention, attention_backend, causal_mask
+
+__version__ = "0.1.0"
+__all__ = ["KVCache", "__version__", "attention", "attention_backend", "causal_mask"]

@@ -1,0 +1,1 @@
+"""Shared Hydra config groups (``pkg://gencore.configs`` on every package's search path)."""

@@ -1,0 +1,448 @@
+"""Weights in and out: safe checkpoint reading, strict state-dict loading with clear errors, safetensors export.
+
+Official checkpoints of the CompVis / Stability papers are PyTorch Lightning 1.x pickles. Besides tensors they
+name Lightning classes (``ModelCheckpoint`` as a dict key, ``AttributeDict`` hparams), OmegaConf configs and numpy
+scalars. ``torch.load(weights_only=True)`` refuses them, and ``weights_only=False`` would run whatever the pickle
+says. :func:`load_checkpoint` first tries ``weights_only=True``; if that refuses, it unpickles again with a
+restricted unpickler:
+
+- torch's own weights-only allow-list (tensors, storages, dtypes, containers) and numpy scalars / arrays load;
+- classes from metadata namespaces (Lightning, OmegaConf, argparse) become inert :class:`OpaqueObject`
+  placeholders: nothing of theirs is imported or run, their pickled state is kept as plain data;
+- any other global (``os.system``, ``builtins.eval``, a model class, ...) is refused with
+  :class:`UnsafeCheckpointError` naming it, before anything executes.
+
+:func:`export` / :func:`load` write and read a release folder: ``model.safetensors`` plus the resolved
+``config.yaml`` that rebuilds the module with ``hydra.utils.instantiate``. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import contextlib
+import logging
+import os
+import pickle
+import tempfile
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointKeyError",
+    "OpaqueObject",
+    "UnsafeCheckpointError",
+    "atomic_path",
+    "export",
+    "extract_state_dict",
+    "frozen_prefixes",
+    "load",
+    "load_checkpoint",
+    "load_state_dict",
+    "save_safetensors",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: missing, unreadable, unsafe or not matching the module."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle names a global outside the allow-list; nothing was executed."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """State-dict keys or shapes do not match the module."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+# ----------------------------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_safetensors(
+    tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to ``path`` atomically (tensors sharing storage are written as separate copies)."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"save_safetensors: value for {key!r} is {type(t).__name__}, not a tensor")
+        t = t.detach().to("cpu").contiguous()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ident in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(ident)
+        out[key] = t
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=dict(metadata) if metadata else None)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------- restricted unpickling
+
+# Namespaces whose classes carry only training metadata in released checkpoints. They are never imported:
+# their objects become OpaqueObject placeholders.
+OPAQUE_NAMESPACES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "argparse", "typing", "enum")
+
+
+class OpaqueObject(dict):
+    """Inert stand-in for an object of a class the checkpoint names but that is not imported.
+
+    Keeps what the pickle said about it as data: ``qualname``, constructor ``args``, ``state`` (from BUILD), dict
+    items (from SETITEMS) and list items (``items``, from APPENDS).
+    """
+
+    qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:
+        self.items.append(item)
+
+    def extend(self, items: Iterable[Any]) -> None:
+        self.items.extend(items)
+
+    __hash__ = object.__hash__  # usable as a dict key, like the classes it replaces
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualname}>"
+
+
+_OPAQUE_CLASSES: dict[str, type[OpaqueObject]] = {}
+
+
+def _opaque_class(qualname: str) -> type[OpaqueObject]:
+    if qualname not in _OPAQUE_CLASSES:
+        _OPAQUE_CLASSES[qualname] = type(qualname.rsplit(".", 1)[-1], (OpaqueObject,), {"qualname": qualname})
+    return _OPAQUE_CLASSES[qualname]
+
+
+def _safe_reconstructor(cls: Any, base: type, state: Any) -> Any:
+    """``copyreg._reconstructor`` limited to placeholders and plain containers."""
+    if isinstance(cls, type) and issubclass(cls, OpaqueObject):
+        obj = cls()
+        obj.state = state
+        return obj
+    if cls in (dict, list, set, tuple, object) and base is cls:
+        return base() if state is None else base(state)
+    raise UnsafeCheckpointError(f"refusing copyreg._reconstructor({cls!r}, {base!r})")
+
+
+def _numpy_globals() -> dict[str, Any]:
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: dict[str, Any] = {"numpy.dtype": np.dtype, "numpy.ndarray": np.ndarray}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[f"{mod}.scalar"] = multiarray.scalar
+        allowed[f"{mod}._reconstruct"] = multiarray._reconstruct
+    for name in dir(np.dtypes):
+        if name.endswith("DType"):
+            allowed[f"numpy.dtypes.{name}"] = getattr(np.dtypes, name)
+    return allowed
+
+
+def _allowed_globals() -> dict[str, Any]:
+    allowed: dict[str, Any] = {}
+    try:  # torch's own weights_only allow-list (tensor rebuild functions, dtypes, containers)
+        from torch import _weights_only_unpickler as wou
+
+        allowed.update(wou._get_allowed_globals())
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        allowed.update(
+            {
+                "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+                "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+                "collections.OrderedDict": __import__("collections").OrderedDict,
+            }
+        )
+    for obj in torch.serialization.get_safe_globals():
+        if not isinstance(obj, tuple):
+            allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    allowed.update(_numpy_globals())
+    allowed.update(
+        {
+            "builtins.dict": dict,
+            "builtins.list": list,
+            "builtins.tuple": tuple,
+            "builtins.set": set,
+            "builtins.frozenset": frozenset,
+            "builtins.object": object,
+            "builtins.slice": slice,
+            "builtins.int": int,
+            "builtins.float": float,
+            "builtins.str": str,
+            "builtins.bool": bool,
+            "copyreg._reconstructor": _safe_reconstructor,
+            "collections.defaultdict": __import__("collections").defaultdict,
+        }
+    )
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    _allowed: dict[str, Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _RestrictedUnpickler._allowed is None:
+            _RestrictedUnpickler._allowed = _allowed_globals()
+        # protocol-2 pickles (torch.save) spell some names the Python 2 way (__builtin__.dict, copy_reg, ...)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        if full in self._allowed:
+            return self._allowed[full]
+        if module.split(".", 1)[0] in OPAQUE_NAMESPACES:
+            return _opaque_class(full)
+        raise UnsafeCheckpointError(
+            f"refusing to unpickle global {full!r}: it is not a tensor, container or known metadata class, and "
+            f"loading it could execute code. Nothing was executed. (allowed: torch's weights-only list, numpy "
+            f"scalars; placeholders for {', '.join(OPAQUE_NAMESPACES)})"
+        )
+
+
+_SAFE_PICKLE = types.SimpleNamespace(
+    __name__="gencore_restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load(),
+    UnpicklingError=pickle.UnpicklingError,
+)
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
+    """Read a checkpoint safely: ``.safetensors`` directly, torch pickles (``.ckpt/.pt/.pth/.bin``) as described above.
+
+    Raises ``FileNotFoundError`` naming the path when it does not exist, :class:`UnsafeCheckpointError` when the
+    pickle asks for code outside the allow-list, :class:`CheckpointError` when the file is not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(
+                str(path), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+            )
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        log.info("%s: weights_only load refused (%s); reading with the restricted unpickler", path, str(err)[:200])
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_SAFE_PICKLE)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{path}: {err}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"{path}: cannot be read safely ({type(err).__name__}: {err})") from err
+
+
+def extract_state_dict(ckpt: Any, key: str | None = None) -> dict[str, Tensor]:
+    """The tensor dict inside a loaded checkpoint: ``ckpt[key]``, else ``state_dict`` / ``model`` / ``module`` /
+    ``ema``, else ``ckpt`` itself if it maps names to tensors."""
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"expected a checkpoint dict, got {type(ckpt).__name__}")
+    keys = [key] if key is not None else ["state_dict", "model", "module", "ema"]
+    for k in keys:
+        if k in ckpt and isinstance(ckpt[k], Mapping):
+            ckpt = ckpt[k]
+            break
+    else:
+        if key is not None:
+            raise CheckpointError(f"checkpoint has no entry {key!r}; top-level keys: {sorted(map(str, ckpt))[:20]}")
+    state = {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
+    if not state:
+        raise CheckpointError(f"checkpoint holds no tensors; top-level keys: {sorted(map(str, ckpt))[:20]}")
+    return state
+
+
+# ------------------------------------------------------------------------------------------ state-dict loading
+
+
+def frozen_prefixes(module: nn.Module) -> list[str]:
+    """State-dict prefixes of submodules marked frozen (``_genlab_frozen = True``, e.g. a latent codec)."""
+    return [f"{name}." for name, m in module.named_modules() if name and getattr(m, "_genlab_frozen", False)]
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    head = ", ".join(keys[:n])
+    return f"{head}, ... (+{len(keys) - n} more)" if len(keys) > n else head
+
+
+def load_state_dict(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    prefix: str = "",
+    ignore_prefixes: Iterable[str] = (),
+    key_map: Callable[[str], str | None] | Mapping[str, str] | None = None,
+    strict: bool = True,
+    allow_missing: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> tuple[list[str], list[str]]:
+    """Load ``state`` into ``module`` and say exactly what did not match.
+
+    Keys are selected by ``prefix`` (and stripped of it), keys under ``ignore_prefixes`` are dropped (e.g.
+    ``"loss."`` for training-only discriminator weights), then renamed by ``key_map`` (a dict, or a callable
+    returning the new name or ``None`` to drop). With ``strict`` any missing key (outside ``allow_missing``
+    prefixes), unexpected key or shape mismatch raises :class:`CheckpointKeyError` naming them.
+    Returns ``(missing, unexpected)``.
+    """
+    ignore = tuple(ignore_prefixes)
+    allow = tuple(allow_missing)
+    selected: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix) :]
+        if ignore and key.startswith(ignore):
+            continue
+        if key_map is not None:
+            key = key_map(key) if callable(key_map) else key_map.get(key, key)
+            if key is None:
+                continue
+        selected[key] = value
+    if prefix and not selected:
+        raise CheckpointKeyError(f"{source}: no keys start with prefix {prefix!r}", [], [], [])
+    own = module.state_dict()
+    missing = [k for k in own if k not in selected and not (allow and k.startswith(allow))]
+    unexpected = [k for k in selected if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(selected[k].shape)} vs module {tuple(own[k].shape)}"
+        for k in selected
+        if k in own and selected[k].shape != own[k].shape
+    ]
+    if strict and (missing or unexpected or mismatched):
+        parts = [f"{source} does not match {type(module).__name__}:"]
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_preview(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {_preview(mismatched, 4)}")
+        raise CheckpointKeyError("\n  ".join(parts), missing, unexpected, mismatched)
+    loadable = {k: v for k, v in selected.items() if k in own and v.shape == own[k].shape}
+    module.load_state_dict(loadable, strict=False)
+    return missing, unexpected
+
+
+# ---------------------------------------------------------------------------------------------- release folders
+
+
+def _to_container(cfg: Any) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if isinstance(cfg, Mapping):
+        return OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)  # type: ignore[return-value]
+    raise ValueError(f"export: cfg must be a mapping / DictConfig, got {type(cfg).__name__}")
+
+
+def _module_node(cfg: Mapping) -> Mapping:
+    node = cfg.get("module", cfg)
+    if not isinstance(node, Mapping) or "_target_" not in node:
+        raise ValueError("config must have a `module` node (or be one) with a `_target_` that builds the module")
+    return node
+
+
+def export(
+    module: nn.Module,
+    cfg: Any,
+    out_dir: str | os.PathLike,
+    *,
+    state_dict: Mapping[str, Tensor] | None = None,
+    include_frozen: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and the resolved ``config.yaml`` to ``out_dir`` (both atomically).
+
+    ``cfg`` is the run config (with a ``module`` node) or the module node itself. Frozen submodules (codecs, text
+    encoders) are rebuilt from the config on :func:`load`, so their weights are left out unless ``include_frozen``.
+    """
+    from omegaconf import OmegaConf
+
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"export: module must be an nn.Module, got {type(module).__name__}")
+    container = _to_container(cfg)
+    _module_node(container)
+    state = dict(module.state_dict() if state_dict is None else state_dict)
+    if not include_frozen:
+        skip = tuple(frozen_prefixes(module))
+        if skip:
+            state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    out = Path(out_dir)
+    meta = {"format": "genlab", "module": type(module).__qualname__, **(metadata or {})}
+    save_safetensors(state, out / WEIGHTS_NAME, metadata=meta)
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    return out
+
+
+def load(path: str | os.PathLike, *, map_location: Any = "cpu", strict: bool = True) -> nn.Module:
+    """Rebuild the module exported to ``path`` (a folder from :func:`export`) and load its weights; eval mode."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    folder = Path(path)
+    weights, config = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    for f in (weights, config):
+        if not f.is_file():
+            raise FileNotFoundError(f"load: {f} not found (expected a folder written by gencore.io.export)")
+    cfg = OmegaConf.load(config)
+    module = instantiate(_module_node(cfg), _convert_="all")
+    if not isinstance(module, nn.Module):
+        raise CheckpointError(f"{config}: module config built a {type(module).__name__}, not an nn.Module")
+    state = load_checkpoint(weights, map_location=map_location)
+    load_state_dict(module, state, strict=strict, allow_missing=frozen_prefixes(module), source=str(weights))
+    return module.eval()

@@ -1,0 +1,199 @@
+"""Sample-quality metrics for generated Fashion-MNIST images, in the feature space of the in-project network.
+
+- FID-FMNIST: Fréchet distance between Gaussians fitted to penultimate features of generated images and of the real
+  test images (torchmetrics ``FrechetInceptionDistance`` with our network as the feature extractor).
+- KID-FMNIST: torchmetrics ``KernelInceptionDistance`` (cubic polynomial kernel MMD, unbiased), same features.
+- Precision / recall: k-NN manifold estimate of Kynkäänniemi et al. 2019 (k = 3) in the same features.
+- Class accuracy: share of samples the network classifies as the class they were asked for.
+
+All take images in [-1, 1], (N, 1|3, H, W); the reference is the Fashion-MNIST test split (10,000 images).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gencore.metrics.fmnist_net import load_feature_net
+
+__all__ = [
+    "class_accuracy",
+    "fid_fmnist",
+    "fmnist_features",
+    "fmnist_report",
+    "frechet_distance",
+    "kid_fmnist",
+    "precision_recall",
+    "precision_recall_fmnist",
+]
+
+REPORT_METRICS = ("fid", "kid", "precision", "recall", "class_accuracy")
+
+
+def _check_images(images: Tensor, name: str = "images") -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must be (N, 1|3, H, W) in [-1, 1], got {getattr(images, 'shape', images)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"{name}: need at least 2 images, got {images.shape[0]}")
+
+
+@torch.no_grad()
+def fmnist_features(images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Penultimate features (N, 128) of the Fashion-MNIST network, float64."""
+    net = load_feature_net()
+    return torch.cat([net(images[i : i + batch_size]).double().cpu() for i in range(0, len(images), batch_size)])
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_images(split: str, root: str | None) -> Tensor:
+    from gencore.data.fashion_mnist import FashionMNIST
+
+    return FashionMNIST(root=root, split=split).tensors()[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_features(split: str, root: str | None) -> Tensor:
+    return fmnist_features(_reference_images(split, root))
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), with the trace of the root from the eigenvalues of Σ1Σ2."""
+    mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    eig = torch.linalg.eigvals(sigma1 @ sigma2)
+    tr_sqrt = eig.sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
+
+
+@functools.lru_cache(maxsize=4)
+def _fid_metric(split: str, root: str | None) -> Any:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    net = load_feature_net()
+    fid = FrechetInceptionDistance(feature=net, reset_real_features=False)
+    ref = _reference_images(split, root)
+    for i in range(0, len(ref), 1000):
+        fid.update(ref[i : i + 1000], real=True)
+    return fid
+
+
+def fid_fmnist(images: Tensor, *, split: str = "test", root: str | None = None, batch_size: int = 1000) -> float:
+    """FID-FMNIST of ``images`` against the real ``split`` (10,000 test images by default). Lower is better."""
+    _check_images(images)
+    fid = _fid_metric(split, root)
+    fid.reset()  # keeps the real statistics
+    for i in range(0, len(images), batch_size):
+        fid.update(images[i : i + batch_size].float().cpu(), real=False)
+    return float(fid.compute())
+
+
+def kid_fmnist(
+    images: Tensor,
+    *,
+    split: str = "test",
+    root: str | None = None,
+    subsets: int = 50,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID-FMNIST (mean, std over ``subsets`` random subsets) of ``images`` against the real ``split``."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    _check_images(images)
+    net = load_feature_net()
+    ref = _reference_images(split, root)
+    size = min(subset_size, len(images), len(ref))
+    kid = KernelInceptionDistance(feature=net, subsets=subsets, subset_size=size)
+    for i in range(0, len(ref), 1000):
+        kid.update(ref[i : i + 1000], real=True)
+    for i in range(0, len(images), 1000):
+        kid.update(images[i : i + 1000].float().cpu(), real=False)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        mean, std = kid.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return float(mean), float(std)
+
+
+def _kth_radii(x: Tensor, k: int, chunk: int = 2048) -> Tensor:
+    out = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i : i + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
+    return torch.cat(out)
+
+
+def _coverage(queries: Tensor, support: Tensor, radii: Tensor, chunk: int = 2048) -> Tensor:
+    inside = []
+    for i in range(0, len(queries), chunk):
+        d = torch.cdist(queries[i : i + chunk], support)
+        inside.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake`` vs ``real`` feature sets (N, d)."""
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(
+            f"precision_recall: expected (N, d) feature sets, got {tuple(real.shape)}, {tuple(fake.shape)}"
+        )
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall: need more than k={k} samples per set, got {len(real)}, {len(fake)}")
+    real, fake = real.double(), fake.double()
+    precision = _coverage(fake, real, _kth_radii(real, k)).double().mean()
+    recall = _coverage(real, fake, _kth_radii(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+def precision_recall_fmnist(
+    images: Tensor, *, split: str = "test", root: str | None = None, k: int = 3, seed: int = 0
+) -> tuple[float, float]:
+    """Precision / recall of ``images`` against as many real ``split`` images (random, seeded), in FMNIST features."""
+    _check_images(images)
+    real = _reference_features(split, root)
+    n = min(len(images), len(real))
+    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
+    return precision_recall(real[idx], fmnist_features(images), k=k)
+
+
+@torch.no_grad()
+def class_accuracy(images: Tensor, labels: Tensor | Sequence[int]) -> float:
+    """Share of ``images`` the network classifies as ``labels`` (the classes they were generated for)."""
+    _check_images(images)
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.shape != (len(images),):
+        raise ValueError(f"class_accuracy: labels must be ({len(images)},), got {tuple(labels.shape)}")
+    net = load_feature_net()
+    preds = torch.cat([net.logits(images[i : i + 1000]).argmax(1).cpu() for i in range(0, len(images), 1000)])
+    return float((preds == labels).double().mean())
+
+
+def fmnist_report(
+    images: Tensor,
+    labels: Tensor | None = None,
+    *,
+    metrics: Sequence[str] = REPORT_METRICS,
+    split: str = "test",
+    root: str | None = None,
+) -> dict[str, float]:
+    """The toy-scale result-table numbers for generated Fashion-MNIST images: a dict with ``n`` and each metric."""
+    unknown = [m for m in metrics if m not in REPORT_METRICS]
+    if unknown:
+        raise ValueError(f"fmnist_report: unknown metrics {unknown}; valid: {', '.join(REPORT_METRICS)}")
+    _check_images(images)
+    out: dict[str, float] = {"n": float(len(images))}
+    if "fid" in metrics:
+        out["fid"] = fid_fmnist(images, split=split, root=root)
+    if "kid" in metrics:
+        out["kid"], out["kid_std"] = kid_fmnist(images, split=split, root=root)
+    if "precision" in metrics or "recall" in metrics:
+        p, r = precision_recall_fmnist(images, split=split, root=root)
+        out.update({k: v for k, v in (("precision", p), ("recall", r)) if k in metrics})
+    if "class_accuracy" in metrics and labels is not None:
+        out["class_accuracy"] = class_accuracy(images, labels)
+    return out

@@ -1,0 +1,102 @@
+"""torchmetrics FID / LPIPS / CLIP score with real pretrained weights from local paths.
+
+None of these weights can be downloaded on an offline machine. Each wrapper looks for the file where torch's hub cache
+keeps it (or takes a path), checks it with the safe checkpoint reader, and otherwise raises
+:class:`MissingWeightsError` saying which file is needed and where to put it. For Fashion-MNIST-scale experiments use
+the in-project feature network instead (``gencore.metrics.fid_fmnist``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MissingWeightsError", "clip_score", "inception_fid", "lpips_metric"]
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+LPIPS_BACKBONES = {
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "squeeze": "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
+}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights a metric needs are not on this machine."""
+
+
+def _hub_file(name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _checked(path: str | os.PathLike | None, default_name: str, url: str, what: str) -> Path:
+    from gencore.io import load_checkpoint
+
+    p = Path(path) if path is not None else _hub_file(default_name)
+    if not p.is_file():
+        raise MissingWeightsError(
+            f"{what} needs pretrained weights that are not on this machine: {p} does not exist. Download {url} on a "
+            f"machine with internet and pass its path (weights_path=...) or copy it to {_hub_file(default_name)}."
+        )
+    load_checkpoint(p)  # refuses pickles that would execute code, before any library torch.load()s it
+    return p
+
+
+@contextlib.contextmanager
+def _hub_with(path: Path, name: str) -> Iterator[None]:
+    """Make ``path`` visible as ``<hub>/checkpoints/<name>`` while a library looks it up in torch's hub cache."""
+    if path.resolve() == _hub_file(name).resolve():
+        yield
+        return
+    old = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "checkpoints").mkdir()
+        (Path(tmp) / "checkpoints" / name).symlink_to(path.resolve())
+        torch.hub.set_dir(tmp)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(old)
+
+
+def inception_fid(weights_path: str | os.PathLike | None = None, feature: int = 2048, **kwargs: Any) -> Any:
+    """torchmetrics ``FrechetInceptionDistance`` with the FID Inception-v3 weights from a local file."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    p = _checked(weights_path, INCEPTION_FILE, INCEPTION_URL, "Inception FID")
+    return FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(p), **kwargs)
+
+
+def lpips_metric(net_type: str = "vgg", weights_path: str | os.PathLike | None = None, **kwargs: Any) -> Any:
+    """torchmetrics ``LearnedPerceptualImagePatchSimilarity`` (inputs in [-1, 1]) with the ImageNet backbone weights
+    from a local file (the LPIPS linear heads ship with torchmetrics)."""
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    if net_type not in LPIPS_BACKBONES:
+        raise ValueError(f"lpips_metric: net_type must be one of {sorted(LPIPS_BACKBONES)}, got {net_type!r}")
+    url = LPIPS_BACKBONES[net_type]
+    name = url.rsplit("/", 1)[-1]
+    p = _checked(weights_path, name, url, f"LPIPS ({net_type})")
+    with _hub_with(p, name):
+        return LearnedPerceptualImagePatchSimilarity(net_type=net_type, **kwargs)
+
+
+def clip_score(model_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """torchmetrics ``CLIPScore`` with a CLIP model saved locally in transformers format (config.json + weights)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    p = Path(model_path)
+    if not (p / "config.json").is_file():
+        raise MissingWeightsError(
+            f"CLIP score needs a local CLIP model folder (transformers format, e.g. a snapshot of "
+            f"openai/clip-vit-large-patch14): {p / 'config.json'} does not exist"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return CLIPScore(model_name_or_path=str(p), **kwargs)

@@ -1,0 +1,381 @@
+"""Run plumbing: ``train(cfg)``, ``sample(cfg)``, ``evaluate(cfg)`` over Hydra configs and a Lightning Trainer.
+
+A training config has these nodes (the packages' ``train.yaml`` build them from the shared groups in ``configs/``)::
+
+    run_dir: runs/<task>/<timestamp>   # everything of the run goes here
+    seed: 0
+    resume: null                       # null | auto (this run_dir's last checkpoint) | a .ckpt | a run folder
+    datamodule: {_target_: ...}        # a LightningDataModule
+    module: {_target_: ...}            # the LightningModule (networks, objectives injected as nested nodes)
+    trainer: {max_steps: ..., accelerator: ..., strategy: ..., precision: ...}   # lightning.Trainer kwargs
+    logger: {csv: {_target_: ...}}     # name -> logger node (null disables)
+    callbacks: {ema: {...}, images: {...}}
+    checkpoint: {every_n_train_steps: 500, save_top_k: 1}
+    export: {enabled: true, use_ema: true}
+
+Checkpoints (``<run_dir>/checkpoints/step*.ckpt`` and ``last.ckpt``) are written atomically and read back with the
+safe loader; a final ``last.ckpt`` is written when training ends, an ``on_exception.ckpt`` when it crashes. At the end
+the weights (EMA if present) are exported with ``gencore.io.export`` to ``<run_dir>/export``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from gencore import io
+from gencore.callbacks import EMA
+from gencore.viz import save_grid, to_uint8
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExceptionCheckpoint",
+    "SafeCheckpointIO",
+    "TrainResult",
+    "evaluate",
+    "find_resume_checkpoint",
+    "generate",
+    "load_module",
+    "pick_device",
+    "sample",
+    "train",
+]
+
+CKPT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: writes atomically (temp file + rename), reads with ``gencore.io.load_checkpoint``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO does not take storage_options")
+        with io.atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return io.load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+
+
+class ExceptionCheckpoint(L.Callback):
+    """Write ``on_exception.ckpt`` when training dies (Lightning's own version also turns on implicit resuming)."""
+
+    def __init__(self, dirpath: Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.dirpath / "on_exception.ckpt", weights_only=False)
+
+
+@dataclass
+class TrainResult:
+    module: L.LightningModule
+    trainer: L.Trainer
+    run_dir: Path
+    checkpoint_dir: Path
+    export_dir: Path | None
+
+
+def _cfg(cfg: Any) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return OmegaConf.create(dict(cfg))
+    raise ValueError(f"expected a config mapping / DictConfig, got {type(cfg).__name__}")
+
+
+def _require(cfg: DictConfig, *keys: str, where: str) -> None:
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: config is missing {', '.join(missing)} (top-level keys: {sorted(cfg.keys())})")
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(node, _convert_="all", **kwargs)
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu; anything else is passed to ``torch.device``."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+
+
+def find_resume_checkpoint(resume: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | None:
+    """Where to resume from: ``None`` -> fresh start; ``auto`` -> the newest of ``last.ckpt`` /
+    ``on_exception.ckpt`` in ``run_dir/checkpoints`` if any; a ``.ckpt`` file; a run folder (its last checkpoint)."""
+    if resume in (None, "", False):
+        return None
+    if str(resume) == "auto":
+        folder = Path(run_dir) / CKPT_DIR
+        found = [p for p in (folder / LAST, folder / "on_exception.ckpt") if p.is_file()]
+        if not found:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", folder)
+            return None
+        return max(found, key=lambda p: p.stat().st_mtime)
+    p = Path(resume)
+    if p.is_file():
+        return p
+    for candidate in (p / CKPT_DIR / LAST, p / LAST):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"resume={resume!r}: no checkpoint file, and no {CKPT_DIR}/{LAST} in that folder")
+
+
+def _build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+    callbacks: list[L.Callback] = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        cb = _instantiate(node)
+        if not isinstance(cb, L.Callback):
+            raise ValueError(f"callbacks.{name} built a {type(cb).__name__}, not a lightning Callback")
+        callbacks.append(cb)
+    ck = cfg.get("checkpoint") or {}
+    every = ck.get("every_n_train_steps", 1000)
+    if every is not None and every < 1:
+        raise ValueError(f"checkpoint.every_n_train_steps must be >= 1, got {every}")
+    callbacks.append(
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step{step:07d}",
+            every_n_train_steps=every,
+            save_top_k=ck.get("save_top_k", 1),
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+    )
+    callbacks.append(ExceptionCheckpoint(ckpt_dir))
+    return callbacks
+
+
+def _build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for _name, node in (cfg.get("logger") or {}).items():
+        if node is not None:
+            loggers.append(_instantiate(node))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
+    """``lightning.Trainer(**cfg.trainer)`` with the run folder, callbacks, loggers and the safe checkpoint IO."""
+    kwargs = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
+    assert isinstance(kwargs, dict)
+    for key in ("strategy", "plugins", "profiler"):
+        value = kwargs.get(key)
+        if isinstance(value, Mapping) and "_target_" in value:
+            kwargs[key] = _instantiate(value)
+    plugins = kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+        plugins.append(SafeCheckpointIO())
+    return L.Trainer(
+        default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False, plugins=plugins, **kwargs
+    )
+
+
+def train(cfg: Any) -> TrainResult:
+    """Instantiate datamodule, module, callbacks, loggers and Trainer from ``cfg``; fit (resuming if asked); export."""
+    cfg = _cfg(cfg)
+    _require(cfg, "module", "datamodule", "run_dir", where="gencore.run.train")
+    L.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    ckpt_dir = run_dir / CKPT_DIR
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_from = find_resume_checkpoint(cfg.get("resume"), run_dir)
+
+    datamodule = _instantiate(cfg.datamodule)
+    module = _instantiate(cfg.module)
+    if not isinstance(module, L.LightningModule):
+        raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
+    callbacks = _build_callbacks(cfg, ckpt_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks, _build_loggers(cfg))
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    if trainer.interrupted:
+        log.warning("training was interrupted at step %d; see %s", trainer.global_step, ckpt_dir)
+    trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)
+
+    export_dir = None
+    ex = cfg.get("export") or {}
+    if ex.get("enabled", True) and trainer.is_global_zero:
+        ema = next((c for c in callbacks if isinstance(c, EMA)), None)
+        state = ema.averaged_state_dict(module) if (ema is not None and ex.get("use_ema", True)) else None
+        export_dir = io.export(
+            module,
+            cfg,
+            run_dir / "export",
+            state_dict=state,
+            metadata={"global_step": str(trainer.global_step), "ema": str(state is not None)},
+        )
+    return TrainResult(module, trainer, run_dir, ckpt_dir, export_dir)
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+
+def load_module(
+    path: str | os.PathLike, module_cfg: Any = None, *, use_ema: bool = True, map_location: Any = "cpu"
+) -> nn.Module:
+    """A trained module from an export folder, a run folder (its ``export/``), or a Lightning ``.ckpt`` (built from
+    ``module_cfg``, or the run's ``config.yaml`` beside ``checkpoints/``; EMA weights substituted when present)."""
+    p = Path(path)
+    if p.is_dir():
+        for folder in (p, p / "export"):
+            if (folder / io.WEIGHTS_NAME).is_file():
+                return io.load(folder, map_location=map_location)
+        raise FileNotFoundError(f"{p}: no {io.WEIGHTS_NAME} here or in {p / 'export'}")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if module_cfg is None:
+        run_cfg = p.parent.parent / "config.yaml"
+        if not run_cfg.is_file():
+            raise ValueError(f"{p}: a .ckpt needs the module config (pass module=..., or keep the run's config.yaml)")
+        module_cfg = OmegaConf.load(run_cfg).module
+    module = _instantiate(module_cfg)
+    ckpt = io.load_checkpoint(p, map_location=map_location)
+    state = io.extract_state_dict(ckpt)
+    if use_ema:
+        for key, value in (ckpt.get("callbacks") or {}).items():
+            if str(key).startswith("EMA") and isinstance(value, Mapping) and value.get("shadow"):
+                named = dict(module.named_parameters())
+                state = dict(state)
+                for n, t in value["shadow"].items():
+                    if n in named:
+                        state[n] = t
+                break
+    io.load_state_dict(module, state, allow_missing=io.frozen_prefixes(module), source=str(p))
+    return module.eval()
+
+
+PER_SAMPLE_KWARGS = ("labels", "captions", "prompts")
+
+
+@torch.no_grad()
+def generate(
+    module: nn.Module, num_samples: int, *, batch_size: int = 16, seed: int = 0, **kwargs: Any
+) -> dict[str, Any]:
+    """Call ``module.generate(n, **kwargs)`` batch by batch (seeded per batch); concatenate the results.
+
+    ``generate`` returns a (n, C, H, W) / (n, C, T, H, W) tensor in [-1, 1], or a dict with ``images`` and optional
+    ``labels`` / ``captions``. Per-sample keyword arguments (``labels``, ``captions``, ``prompts``) are cycled to
+    ``num_samples`` and sliced per batch, so ``labels=[0, 1, ..., 9]`` asks for every class in turn.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"generate: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    if not hasattr(module, "generate"):
+        raise ValueError(f"{type(module).__name__} has no generate(n, **kwargs) method")
+    per_sample = {}
+    for key in PER_SAMPLE_KWARGS:
+        if kwargs.get(key) is not None:
+            values = list(kwargs.pop(key))
+            if not values:
+                raise ValueError(f"generate: {key} is empty")
+            per_sample[key] = [values[i % len(values)] for i in range(num_samples)]
+    images: list[Tensor] = []
+    labels: list[Tensor] = []
+    captions: list[str] = []
+    done = 0
+    for i in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - i)
+        torch.manual_seed(seed + i)
+        out = module.generate(n, **kwargs, **{k: v[i : i + n] for k, v in per_sample.items()})
+        if isinstance(out, Tensor):
+            out = {"images": out}
+        images.append(out["images"].detach().float().cpu())
+        if out.get("labels") is not None:
+            labels.append(torch.as_tensor(out["labels"]).cpu())
+        if out.get("captions") is not None:
+            captions.extend(out["captions"])
+        done += n
+    result: dict[str, Any] = {"images": torch.cat(images)[:num_samples]}
+    if labels:
+        result["labels"] = torch.cat(labels)[:num_samples]
+    if captions:
+        result["captions"] = captions[:num_samples]
+    return result
+
+
+def sample(cfg: Any) -> Path:
+    """Generate ``num_samples`` with a trained module; write ``grid.png`` and ``samples.npz`` to ``out_dir``.
+
+    Config: ``checkpoint`` (export folder, run folder or .ckpt), optional ``module`` (for a bare .ckpt), ``out_dir``,
+    ``num_samples``, ``batch_size``, ``seed``, ``device`` (auto), ``grid_size`` (images in the grid), ``sample``
+    (keyword arguments for ``module.generate``).
+    """
+    cfg = _cfg(cfg)
+    _require(cfg, "checkpoint", "out_dir", where="gencore.run.sample")
+    device = pick_device(cfg.get("device", "auto"))
+    module = load_module(cfg.checkpoint, cfg.get("module"), use_ema=cfg.get("use_ema", True)).to(device)
+    kwargs = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
+    assert isinstance(kwargs, dict)
+    out = generate(
+        module,
+        int(cfg.get("num_samples", 64)),
+        batch_size=int(cfg.get("batch_size", 16)),
+        seed=int(cfg.get("seed", 0)),
+        **kwargs,
+    )
+    out_dir = Path(str(cfg.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_n = int(cfg.get("grid_size", 64))
+    save_grid(out["images"][:grid_n], out_dir / "grid.png", nrow=cfg.get("nrow"))
+    arrays: dict[str, np.ndarray] = {"images": to_uint8(out["images"]).numpy()}
+    if "labels" in out:
+        arrays["labels"] = out["labels"].numpy()
+    if "captions" in out:
+        arrays["captions"] = np.asarray(out["captions"])
+    with io.atomic_path(out_dir / "samples.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    log.info("wrote %d samples to %s", len(out["images"]), out_dir)
+    return out_dir
+
+
+def evaluate(cfg: Any) -> dict[str, float]:
+    """Metrics of generated samples: ``samples`` (a samples.npz; produced by :func:`sample` first when absent) scored
+    by ``evaluator`` (a partial over ``(images, labels) -> dict``; default: the Fashion-MNIST report)."""
+    from gencore.metrics import fmnist_report
+
+    cfg = _cfg(cfg)
+    path = cfg.get("samples")
+    if path is None:
+        path = sample(cfg) / "samples.npz"
+    data = np.load(str(path), allow_pickle=False)
+    images = torch.from_numpy(data["images"]).float().div(127.5).sub(1.0)
+    labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
+    evaluator = _instantiate(cfg.evaluator) if cfg.get("evaluator") is not None else fmnist_report
+    metrics = {k: float(v) for k, v in evaluator(images, labels).items()}
+    out = Path(str(cfg.get("out_dir") or Path(str(path)).parent)) / "metrics.json"
+    with io.atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    log.info("metrics: %s", metrics)
+    return metrics

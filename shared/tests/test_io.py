@@ -1,0 +1,229 @@
+import contextlib
+import os
+import pickle
+import sys
+import types
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from torch import nn
+
+from gencore import io
+from gencore.testing import TinyAutoencoderModule
+
+
+@contextlib.contextmanager
+def fake_classes(spec):
+    """Classes named like foreign ones (e.g. Lightning 1.x), importable by pickle from stand-in modules.
+
+    Every module on the way (``pytorch_lightning``, ``pytorch_lightning.callbacks``, ...) is a stand-in while the
+    context is open, so an installed package of that name is neither imported nor touched."""
+    roots = {q.split(".", 1)[0] for q in spec}
+    saved = {k: v for k, v in sys.modules.items() if k.split(".", 1)[0] in roots}
+    for k in saved:
+        del sys.modules[k]
+    made = {}
+    try:
+        for qualname, base in spec.items():
+            parts = qualname.split(".")
+            for i in range(1, len(parts)):
+                sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+            mod_name = ".".join(parts[:-1])
+            cls = type(parts[-1], (base,), {"__module__": mod_name})
+            setattr(sys.modules[mod_name], parts[-1], cls)
+            made[qualname] = cls
+        yield made
+    finally:
+        for k in [k for k in sys.modules if k.split(".", 1)[0] in roots]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def save_lightning1(path, state_dict, legacy=False):
+    """Write a checkpoint shaped like the released CompVis / Stability .ckpt files (Lightning 1.x pickles)."""
+    spec = {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": object,
+        "pytorch_lightning.utilities.parsing.AttributeDict": dict,
+    }
+    with fake_classes(spec) as cls:
+        hparams = cls["pytorch_lightning.utilities.parsing.AttributeDict"]()
+        hparams.update({"ddconfig": {"ch": 128, "ch_mult": [1, 1, 2]}, "lossconfig": {"target": "x"}})
+        ckpt = {
+            "epoch": 5,
+            "global_step": np.int64(1000),
+            "pytorch-lightning_version": "1.4.2",
+            "state_dict": OrderedDict(state_dict),
+            "callbacks": {
+                cls["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]: {
+                    "best_model_score": torch.tensor(0.5),
+                    "monitor": "val/rec_loss",
+                }
+            },
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9)}]}],
+            "hparams_name": "kwargs",
+            "hyper_parameters": hparams,
+            "omegaconf": OmegaConf.create({"model": {"base_learning_rate": 4.5e-6}}),
+            "np_scalar": np.float64(0.25),
+        }
+        torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_lightning1_checkpoint_loads_without_executing_anything(tmp_path, legacy):
+    sd = {"encoder.conv_in.weight": torch.randn(4, 3, 3, 3), "quantize.embedding.weight": torch.randn(8, 4)}
+    path = tmp_path / "last.ckpt"
+    save_lightning1(path, sd, legacy=legacy)
+    with pytest.raises(pickle.UnpicklingError):  # what users hit with torch >= 2.6
+        torch.load(path, weights_only=True)
+    ckpt = io.load_checkpoint(path)
+    state = io.extract_state_dict(ckpt)
+    assert set(state) == set(sd)
+    for k in sd:
+        assert torch.equal(state[k], sd[k])
+    assert ckpt["epoch"] == 5 and int(ckpt["global_step"]) == 1000 and float(ckpt["np_scalar"]) == 0.25
+    ((key, value),) = ckpt["callbacks"].items()
+    assert issubclass(key, io.OpaqueObject) and key.qualname.endswith("ModelCheckpoint")
+    assert float(value["best_model_score"]) == 0.5
+    hp = ckpt["hyper_parameters"]
+    assert isinstance(hp, io.OpaqueObject) and hp["ddconfig"]["ch"] == 128
+    assert isinstance(ckpt["omegaconf"], io.OpaqueObject)  # OmegaConf objects are placeholders, not imported
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _EvalEvil:
+    def __reduce__(self):
+        return eval, ("__import__('os').system('true')",)
+
+
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_pickles_that_run_code_are_refused(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    evil = _Evil(marker) if payload == "system" else _EvalEvil()
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "callbacks": evil}, path)
+    with pytest.raises(io.UnsafeCheckpointError, match="refusing to unpickle global .*(system|eval)") as err:
+        io.load_checkpoint(path)
+    assert "Nothing was executed" in str(err.value)
+    assert not marker.exists()
+
+
+def test_model_classes_are_refused_too(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(nn.Linear(2, 2), path)  # a pickled module would run its class code: refuse, name it
+    with pytest.raises(io.UnsafeCheckpointError, match="torch.nn.modules.linear.Linear"):
+        io.load_checkpoint(path)
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        io.load_checkpoint(tmp_path / "nope.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(io.CheckpointError, match="bad.ckpt"):
+        io.load_checkpoint(bad)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x00" * 5)
+    with pytest.raises(io.CheckpointError, match="safetensors"):
+        io.load_checkpoint(bad_st)
+
+
+def test_load_state_dict_names_missing_unexpected_and_mismatched():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state = {
+        "model.0.weight": torch.zeros(4, 3),
+        "model.0.bias": torch.zeros(4),
+        "model.1.weight": torch.zeros(2, 5),
+        "model.extra": torch.zeros(1),
+        "loss.discriminator.w": torch.zeros(1),
+        "other.x": torch.zeros(1),
+    }
+    with pytest.raises(io.CheckpointKeyError) as err:
+        io.load_state_dict(m, state, prefix="model.")
+    e = err.value
+    assert e.missing == ["1.bias"] and e.unexpected == ["extra"]
+    assert e.mismatched == ["1.weight: checkpoint (2, 5) vs module (2, 4)"]
+    assert "1 missing key(s): 1.bias" in str(e) and "1 unexpected key(s): extra" in str(e)
+    # non-strict loads what fits and reports the rest
+    missing, unexpected = io.load_state_dict(m, state, prefix="model.", strict=False)
+    assert missing == ["1.bias"] and unexpected == ["extra"]
+    assert torch.all(m[0].weight == 0)
+    with pytest.raises(io.CheckpointKeyError, match="no keys start with prefix 'ema.'"):
+        io.load_state_dict(m, state, prefix="ema.")
+
+
+def test_load_state_dict_prefix_ignore_and_key_map():
+    m = nn.Linear(2, 2)
+    state = {
+        "first_stage_model.w": torch.ones(2, 2),
+        "first_stage_model.b": torch.ones(2),
+        "first_stage_model.loss.logvar": torch.zeros(()),
+    }
+    io.load_state_dict(
+        m, state, prefix="first_stage_model.", ignore_prefixes=("loss.",), key_map={"w": "weight", "b": "bias"}
+    )
+    assert torch.all(m.weight == 1) and torch.all(m.bias == 1)
+    io.load_state_dict(
+        m,
+        {"W": torch.zeros(2, 2), "B": torch.zeros(2), "drop": torch.zeros(1)},
+        key_map=lambda k: None if k == "drop" else {"W": "weight", "B": "bias"}[k],
+    )
+    assert torch.all(m.weight == 0)
+
+
+def test_atomic_path_leaves_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "w.bin"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half-writt")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
+    with io.atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_save_safetensors_handles_shared_storage(tmp_path):
+    w = torch.randn(4, 4)
+    path = io.save_safetensors({"a": w, "b": w, "c": w[:2]}, tmp_path / "tied.safetensors")
+    out = load_file(str(path))
+    assert torch.equal(out["a"], w) and torch.equal(out["b"], w) and torch.equal(out["c"], w[:2])
+
+
+def test_export_and_load_round_trip_without_frozen_weights(tmp_path):
+    cfg = {"module": {"_target_": "gencore.testing.TinyAutoencoderModule", "width": 8, "latent_channels": 2}}
+    module = TinyAutoencoderModule(width=8, latent_channels=2)
+    with torch.no_grad():
+        module.codec.gain.fill_(1.0)
+    x = torch.randn(2, 1, 32, 32)
+    out_dir = io.export(module, cfg, tmp_path / "export")
+    saved = load_file(str(out_dir / io.WEIGHTS_NAME))
+    assert "codec.gain" not in saved and "encoder.0.weight" in saved  # frozen codec left out
+    loaded = io.load(out_dir)
+    assert not loaded.training
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module(x))
+    assert OmegaConf.load(out_dir / io.CONFIG_NAME).module.width == 8
+
+
+def test_export_validates_and_load_names_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="_target_"):
+        io.export(nn.Linear(2, 2), {"foo": 1}, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        io.load(tmp_path)
+    d = io.export(nn.Linear(2, 2), {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, tmp_path / "y")
+    with pytest.raises(io.CheckpointKeyError, match="shape mismatch"):
+        io.load(d)  # config says 2->3, weights are 2->2

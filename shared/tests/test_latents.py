@@ -1,0 +1,180 @@
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+from torch.utils.data import Dataset
+
+from gencore import io
+from gencore.latents import (
+    DiffusersVAECodec,
+    IdentityCodec,
+    LatentCacheDataset,
+    LatentCodec,
+    build_latent_cache,
+    diffusers_vae,
+    estimate_scale,
+)
+from gencore.modules import trainable_parameters
+
+
+def tiny_vae(latent_channels=4, scaling_factor=0.18215, shift_factor=None, **kw):
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        **kw,
+    )
+
+
+def test_identity_codec_is_a_frozen_codec():
+    c = IdentityCodec(3)
+    x = torch.randn(2, 3, 8, 8)
+    assert isinstance(c, LatentCodec)
+    assert torch.equal(c.decode(c.encode(x)), x)
+    assert c.latent_shape((3, 8, 8)) == (3, 8, 8)
+
+
+def test_vae_codec_shapes_and_scale_from_config():
+    vae = tiny_vae()
+    codec = DiffusersVAECodec(vae)
+    assert isinstance(codec, LatentCodec)
+    assert (codec.scale, codec.shift, codec.downsample_factor, codec.latent_channels) == (0.18215, 0.0, 2, 4)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = codec.encode(x)
+    assert z.shape == (2, 4, 8, 8) and codec.latent_shape(x.shape[1:]) == (4, 8, 8)
+    # the codec applies exactly (z - shift) * scale on top of the VAE's posterior mode
+    raw = vae.encode(x).latent_dist.mode()
+    torch.testing.assert_close(z, raw * 0.18215)
+    y = codec.decode(z)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, vae.decode(raw).sample)
+
+
+def test_sd3_style_scale_and_shift_round_trip():
+    vae = tiny_vae(
+        latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
+    codec = DiffusersVAECodec(vae)
+    assert (codec.scale, codec.shift) == (1.5305, 0.0609)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    raw = vae.encode(x).latent_dist.mode()
+    z = codec.encode(x)
+    torch.testing.assert_close(z, (raw - 0.0609) * 1.5305)
+    # decode undoes the scaling exactly: decode(encode) == vae.decode(raw)
+    torch.testing.assert_close(codec.decode(z), vae.decode(raw).sample, atol=1e-5, rtol=1e-5)
+    # explicit values win over the config
+    assert DiffusersVAECodec(vae, scale=2.0, shift=0.0).scale == 2.0
+
+
+def test_codec_is_frozen_and_excluded_from_optimization():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.codec = DiffusersVAECodec(tiny_vae())
+            self.net = nn.Conv2d(4, 4, 1)
+
+    m = Model().train()
+    assert not m.codec.training and not m.codec.vae.training  # .train() does not wake it up
+    assert all(not p.requires_grad for p in m.codec.parameters())
+    opt_params = list(trainable_parameters(m))
+    assert opt_params and {id(p) for p in opt_params} == {id(p) for p in m.net.parameters()}
+    assert io.frozen_prefixes(m) == ["codec."]
+    z = m.codec.encode(torch.randn(1, 3, 16, 16))
+    assert not z.requires_grad
+
+
+def test_codec_rejects_bad_input():
+    codec = DiffusersVAECodec(tiny_vae())
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 2"):
+        codec.encode(torch.randn(1, 3, 15, 16))
+    with pytest.raises(ValueError, match="expected 3 image channels, got 1"):
+        codec.encode(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="expected 4 latent channels, got 16"):
+        codec.decode(torch.randn(1, 16, 8, 8))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        codec.encode(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="expected a diffusers AutoencoderKL"):
+        DiffusersVAECodec(nn.Linear(2, 2))
+
+
+def test_load_from_local_folder_and_single_file(tmp_path):
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    ref = DiffusersVAECodec(vae).encode(x)
+    from_dir = diffusers_vae(tmp_path / "vae")
+    torch.testing.assert_close(from_dir.encode(x), ref)
+    # a single safetensors file in diffusers names + the config
+    single = io.save_safetensors(vae.state_dict(), tmp_path / "vae.safetensors")
+    from_file = diffusers_vae(single, config=tmp_path / "vae" / "config.json")
+    torch.testing.assert_close(from_file.encode(x), ref)
+    with pytest.raises(ValueError, match="needs `config`"):
+        diffusers_vae(single)
+    with pytest.raises(FileNotFoundError, match="no VAE folder or weights file"):
+        diffusers_vae(tmp_path / "missing")
+    # weights of another architecture: the mismatch is named
+    other = io.save_safetensors(tiny_vae(latent_channels=8).state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(io.CheckpointKeyError, match="shape mismatch"):
+        diffusers_vae(other, config=tmp_path / "vae" / "config.json")
+
+
+def test_sd_presets_build_the_released_architectures():
+    from gencore.latents import VAE_PRESETS
+
+    sd3 = AutoencoderKL(**VAE_PRESETS["sd3"])
+    assert sd3.config.latent_channels == 16 and sd3.quant_conv is None
+    assert sum(p.numel() for p in sd3.parameters()) == 83_819_683  # the released SD3 VAE's size
+
+
+def test_estimate_scale_gives_unit_variance():
+    codec = DiffusersVAECodec(tiny_vae())
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    s = estimate_scale(codec, [x[:4], x[4:]])
+    assert codec.scale == s
+    assert codec.encode(x).std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+class _Images(Dataset):
+    def __init__(self, n=10):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": i % 3, "caption": f"item {i}"}
+
+
+def test_latent_cache_round_trip(tmp_path):
+    codec = DiffusersVAECodec(tiny_vae())
+    data = _Images(10)
+    out = build_latent_cache(codec, data, tmp_path / "cache", batch_size=4, shard_size=4)
+    ds = LatentCacheDataset(out)
+    assert len(ds) == 10 and len(ds.index["shards"]) == 3
+    with torch.no_grad():
+        ref = codec.encode(data.x)
+    for i in (0, 5, 9):
+        item = ds[i]
+        torch.testing.assert_close(item["latent"], ref[i], atol=1e-6, rtol=1e-5)
+        assert item["label"] == i % 3 and item["caption"] == f"item {i}"
+    # a second build with the same codec reuses the cache; a changed scale rebuilds it
+    mtime = (out / "index.json").stat().st_mtime_ns
+    build_latent_cache(codec, data, out, batch_size=4, shard_size=4)
+    assert (out / "index.json").stat().st_mtime_ns == mtime
+    codec.scale = 1.0
+    build_latent_cache(codec, data, out, batch_size=4, shard_size=100)
+    ds2 = LatentCacheDataset(out)
+    assert ds2.index["scale"] == 1.0 and len(ds2.index["shards"]) == 1
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["latents-00000.safetensors"]
+    with pytest.raises(FileNotFoundError, match="build the cache first"):
+        LatentCacheDataset(tmp_path / "nothing")
