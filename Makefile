@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PACKAGE_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard packages/*/pyproject.toml))
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 OPENCV_DATA := /usr/share/doc/opencv-doc/examples/data
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 STAMP := $(VENV)/.genlab-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -20,6 +20,7 @@ help:
 	@echo "make test      install + data, then the whole pytest suite (what CI runs)"
 	@echo "make lint      ruff"
 	@echo "make bench     benchmark scripts in bench/ (prints ratios; appends to bench/RESULTS.md)"
+	@echo "make demo      the taming pipeline on Fashion-MNIST end to end (runs/demo/)"
 
 install: $(STAMP)
 
@@ -41,7 +42,7 @@ data:
 	fi
 
 test: install data
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -51,6 +52,11 @@ lint: install
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# Until the flagship demo exists: the taming pipeline on Fashion-MNIST (VQGAN -> class-conditional transformer ->
+# sample grid + reconstruction PSNR), a few minutes on 2 CPU cores. Output in runs/demo/.
+demo: install data
+	$(PY) -m taming.demo --out runs/demo
 
 bench: install
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

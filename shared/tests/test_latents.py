@@ -178,3 +178,18 @@ def test_latent_cache_round_trip(tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["latents-00000.safetensors"]
     with pytest.raises(FileNotFoundError, match="build the cache first"):
         LatentCacheDataset(tmp_path / "nothing")
+
+
+def test_freeze_keeps_any_module_in_eval_mode():
+    import copy
+
+    from gencore.modules import freeze
+
+    parent = nn.Sequential(nn.Linear(2, 2), freeze(nn.Dropout(0.5)))
+    parent.train()
+    assert parent[0].training and not parent[1].training
+    clone = copy.deepcopy(parent)
+    clone.train()
+    assert not clone[1].training and parent[1] is not clone[1]
+    x = torch.ones(4, 2)
+    assert torch.equal(clone[1](x), x)  # dropout inactive

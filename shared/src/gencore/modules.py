@@ -7,6 +7,7 @@ parameter, stays in eval mode whatever ``.train()`` says, and is marked ``_genla
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 
 from torch import nn
@@ -28,20 +29,19 @@ class FrozenModule(nn.Module):
         return super().train(False)
 
 
-def _stay_in_eval(module: nn.Module, _inputs: object) -> None:
-    if module.training:
-        module.eval()
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Freeze ``module`` in place and mark it frozen: no grad, eval mode, and back to eval before every forward
-    even if a parent's ``.train()`` flipped it (use :class:`FrozenModule` for classes of your own)."""
+    """Freeze ``module`` in place and mark it frozen: no grad, eval mode, and ``.train()`` (e.g. a parent's) keeps it
+    in eval mode (use :class:`FrozenModule` for classes of your own). ``copy.deepcopy`` keeps the behaviour."""
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
     module._genlab_frozen = True  # type: ignore[attr-defined]
     if not isinstance(module, FrozenModule):
-        module.register_forward_pre_hook(_stay_in_eval)
+        module.train = types.MethodType(_frozen_train, module)  # type: ignore[method-assign]
     return module
 
 
