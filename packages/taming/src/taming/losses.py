@@ -1,0 +1,367 @@
+"""VQGAN training objective (Taming Transformers, Sec. 3.2, Eq. 4-6; ``taming/modules/losses/vqperceptual.py``).
+
+    rec      = |x − x̂|  (or (x − x̂)²)  + w_p · perceptual(x, x̂)
+    nll      = mean(rec)                                              (a MEAN; LDM's KL loss sums)
+    g_loss   = −mean(D(x̂))
+    λ        = ‖∇_L nll‖ / (‖∇_L g_loss‖ + 1e-4), clamped to [0, 1e4], × disc_weight       (Eq. 7, L = last layer)
+    total    = nll + λ · disc_factor · g_loss + codebook_weight · q_loss
+    D loss   = disc_factor · ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂)))                  (hinge; or softplus)
+
+``disc_factor`` is 0 before ``disc_start`` (counted in training batches). The modules keep the official names
+(``perceptual_loss.{scaling_layer,net.slice*,lin*}``, ``discriminator.main.*``) so the ``loss.*`` entries of official
+training checkpoints load into them.
+
+Perceptual distances:
+
+- ``lpips`` — LPIPS (VGG16 + the learned linear heads). The heads ship with the ``lpips`` package (byte-identical to
+  taming's ``vgg.pth``); the ImageNet VGG16 weights cannot be downloaded here and are read from a local file
+  (``vgg16-397923af.pth``, torchvision's), or a :class:`MissingWeightsError` says what is missing;
+- ``fmnist`` — for offline Fashion-MNIST runs: the same LPIPS form (unit-normalised activations, squared
+  differences, spatial mean) over the conv blocks of gencore's frozen Fashion-MNIST network, uniform channel weights;
+- ``none`` — pixel loss only (the plain VQ-VAE baseline, with ``pixel_loss="l2"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gencore.modules import FrozenModule
+
+__all__ = [
+    "LPIPS",
+    "ActNorm",
+    "FMNISTPerceptual",
+    "NLayerDiscriminator",
+    "VQLPIPSWithDiscriminator",
+    "adopt_weight",
+    "build_perceptual",
+    "hinge_d_loss",
+    "vanilla_d_loss",
+    "weights_init",
+]
+
+PERCEPTUAL = ("lpips", "fmnist", "none")
+
+
+def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.0) -> float:
+    """``value`` before ``threshold`` steps, ``weight`` after (official ``adopt_weight``)."""
+    return value if step < threshold else weight
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+# ------------------------------------------------------------------------------------------- discriminator
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine layer initialised from the first training batch (Glow); official ``ActNorm`` names."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
+        self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.initialized.item() == 0:
+            with torch.no_grad():
+                flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+                self.loc.copy_(-flat.mean(1).view(1, -1, 1, 1))
+                self.scale.copy_(1.0 / (flat.std(1).view(1, -1, 1, 1) + 1e-6))
+                self.initialized.fill_(1)
+        return self.scale * (x + self.loc)
+
+
+def weights_init(m: nn.Module) -> None:
+    """Official init: conv N(0, 0.02); BatchNorm weight N(1, 0.02), bias 0."""
+    name = type(m).__name__
+    if "Conv" in name:
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif "BatchNorm" in name:
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.constant_(m.bias, 0.0)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN (pix2pix): k4 s2 p1 convs, LeakyReLU 0.2, the last two convs stride 1, a 1-channel logit map.
+
+    ``main`` indices match the official module: 0 conv, 1 act, then (conv, norm, act) per layer, last conv.
+    """
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False) -> None:
+        super().__init__()
+        if input_nc < 1 or ndf < 1 or n_layers < 1:
+            raise ValueError(
+                f"NLayerDiscriminator: input_nc, ndf, n_layers must be >= 1, got {input_nc}, {ndf}, {n_layers}"
+            )
+        norm = ActNorm if use_actnorm else nn.BatchNorm2d
+        use_bias = use_actnorm  # BatchNorm has its own affine shift
+        layers: list[nn.Module] = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=use_bias),
+                norm(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=use_bias),
+            norm(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, 4, 1, 1),
+        ]
+        self.main = nn.Sequential(*layers)
+        self.apply(weights_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.main(x)  # (B, 1, h, w) patch logits
+
+
+# ---------------------------------------------------------------------------------------------- perceptual
+
+
+class LPIPS(FrozenModule):
+    """LPIPS with the VGG16 backbone (Zhang et al. 2018) as taming uses it; inputs in [-1, 1], output (B, 1, 1, 1).
+
+    Args:
+        vgg_weights: torchvision's ImageNet VGG16 state dict (``vgg16-397923af.pth``); default: torch's hub cache.
+    """
+
+    def __init__(self, vgg_weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        import lpips
+
+        from gencore.io import load_checkpoint
+        from gencore.metrics.pretrained import LPIPS_BACKBONES, _checked
+
+        url = LPIPS_BACKBONES["vgg"]
+        path = _checked(vgg_weights, url.rsplit("/", 1)[-1], url, "the LPIPS perceptual loss")
+        with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # heads from the package
+        state = load_checkpoint(path)
+        slices = {
+            **dict.fromkeys(range(0, 4), 1),
+            **dict.fromkeys(range(4, 9), 2),
+            **dict.fromkeys(range(9, 16), 3),
+            **dict.fromkeys(range(16, 23), 4),
+            **dict.fromkeys(range(23, 30), 5),
+        }
+        mapped = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if parts[0] == "features" and int(parts[1]) in slices:
+                mapped[f"slice{slices[int(parts[1])]}.{parts[1]}.{parts[2]}"] = value
+        missing, _ = model.net.load_state_dict(mapped, strict=False)
+        if missing:
+            raise ValueError(f"LPIPS: {path} is not a torchvision VGG16 state dict (missing {missing[:4]})")
+        self.scaling_layer, self.net = model.scaling_layer, model.net
+        self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = (
+            model.lin0,
+            model.lin1,
+            model.lin2,
+            model.lin3,
+            model.lin4,
+        )
+        self._model = [model]  # for its forward; not registered twice
+        self.freeze()
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[1] == 1:  # grayscale images: LPIPS is defined on RGB
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        return self._model[0](x, y)
+
+
+class FMNISTPerceptual(FrozenModule):
+    """LPIPS-form distance over the conv blocks of gencore's frozen Fashion-MNIST network (offline runs).
+
+    Activations after each of the 5 conv layers are unit-normalised over channels; squared differences are averaged
+    over channels and space and summed over layers. Returns (B, 1, 1, 1) like LPIPS.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        from gencore.metrics import load_feature_net
+
+        self.net = copy.deepcopy(load_feature_net(weights).net)  # own copy: not moved with the metric's
+        self.taps = [i for i, m in enumerate(self.net.body) if isinstance(m, nn.ReLU)]
+        self.freeze()
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        h = self.net.prepare(x)
+        feats = []
+        for i, layer in enumerate(self.net.body):
+            h = layer(h)
+            if i in self.taps:
+                feats.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
+        return feats
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        fx, fy = self._features(x), self._features(y)
+        return sum((a - b).square().mean(dim=(1, 2, 3), keepdim=True) for a, b in zip(fx, fy))
+
+
+def build_perceptual(kind: str, weights: str | os.PathLike | None = None) -> nn.Module | None:
+    if kind not in PERCEPTUAL:
+        raise ValueError(f"unknown perceptual loss {kind!r}; valid: {', '.join(PERCEPTUAL)}")
+    if kind == "lpips":
+        return LPIPS(weights)
+    if kind == "fmnist":
+        return FMNISTPerceptual(weights)
+    return None
+
+
+# -------------------------------------------------------------------------------------------------- the loss
+
+
+class VQLPIPSWithDiscriminator(nn.Module):
+    """The VQGAN loss with the official arguments, plus ``perceptual`` / ``perceptual_weights`` / ``pixel_loss``.
+
+    Use :meth:`generator_loss` and :meth:`discriminator_loss` from a manual-optimisation training step.
+    ``disc_start`` and ``step`` count training batches.
+    """
+
+    def __init__(
+        self,
+        disc_start: int,
+        codebook_weight: float = 1.0,
+        pixelloss_weight: float = 1.0,
+        disc_num_layers: int = 3,
+        disc_in_channels: int = 3,
+        disc_factor: float = 1.0,
+        disc_weight: float = 1.0,
+        perceptual_weight: float = 1.0,
+        use_actnorm: bool = False,
+        disc_conditional: bool = False,
+        disc_ndf: int = 64,
+        disc_loss: str = "hinge",
+        perceptual: str = "lpips",
+        perceptual_weights: str | None = None,
+        pixel_loss: str = "l1",
+    ) -> None:
+        super().__init__()
+        if disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        if pixel_loss not in ("l1", "l2"):
+            raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
+        if disc_start < 0:
+            raise ValueError(f"disc_start must be >= 0, got {disc_start}")
+        self.codebook_weight, self.pixel_weight = codebook_weight, pixelloss_weight
+        self.perceptual_weight = perceptual_weight if perceptual != "none" else 0.0
+        self.perceptual_loss = build_perceptual(perceptual, perceptual_weights) if self.perceptual_weight > 0 else None
+        self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
+        self.discriminator_iter_start = disc_start
+        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+        self.disc_factor, self.discriminator_weight = disc_factor, disc_weight
+        self.disc_conditional = disc_conditional
+        self.pixel_loss = pixel_loss
+
+    def calculate_adaptive_weight(self, nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
+        """λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight (detached)."""
+        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
+
+    def _disc_input(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        if (cond is not None) != self.disc_conditional:
+            raise ValueError(
+                f"discriminator is {'' if self.disc_conditional else 'un'}conditional, "
+                f"cond {'missing' if cond is None else 'given'}"
+            )
+        return x if cond is None else torch.cat((x, cond), dim=1)
+
+    def reconstruction_loss(self, inputs: Tensor, recon: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(nll, per-pixel rec loss, perceptual loss)."""
+        diff = inputs - recon
+        rec = diff.abs() if self.pixel_loss == "l1" else diff.square()
+        rec = self.pixel_weight * rec
+        p_loss = torch.zeros((), device=inputs.device)
+        if self.perceptual_loss is not None:
+            p_loss = self.perceptual_loss(inputs, recon)
+            rec = rec + self.perceptual_weight * p_loss
+        return rec.mean(), rec, p_loss
+
+    def generator_loss(
+        self,
+        codebook_loss: Tensor,
+        inputs: Tensor,
+        recon: Tensor,
+        step: int,
+        last_layer: Tensor | None = None,
+        cond: Tensor | None = None,
+        split: str = "train",
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        nll, rec, p_loss = self.reconstruction_loss(inputs, recon)
+        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
+        if disc_factor > 0 and self.discriminator_weight > 0:
+            logits_fake = self.discriminator(self._disc_input(recon, cond))
+            g_loss = -logits_fake.mean()
+            if last_layer is not None and torch.is_grad_enabled():
+                d_weight = self.calculate_adaptive_weight(nll, g_loss, last_layer)
+            else:  # validation: no graph to differentiate
+                d_weight = torch.zeros((), device=inputs.device)
+        else:  # before disc_start: skip the discriminator forward (its term is multiplied by 0)
+            g_loss = d_weight = torch.zeros((), device=inputs.device)
+        loss = nll + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
+        log = {
+            f"{split}/total_loss": loss.detach(),
+            f"{split}/quant_loss": codebook_loss.detach().mean(),
+            f"{split}/nll_loss": nll.detach(),
+            f"{split}/rec_loss": rec.detach().mean(),
+            f"{split}/p_loss": p_loss.detach().mean(),
+            f"{split}/d_weight": d_weight.detach(),
+            f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+            f"{split}/g_loss": g_loss.detach(),
+        }
+        return loss, log
+
+    def discriminator_loss(
+        self, inputs: Tensor, recon: Tensor, step: int, cond: Tensor | None = None, split: str = "train"
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The D loss, or ``None`` before ``disc_start`` (the official code computes it and multiplies by 0)."""
+        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
+        if disc_factor == 0:
+            return None, {}
+        logits_real = self.discriminator(self._disc_input(inputs.detach(), cond))
+        logits_fake = self.discriminator(self._disc_input(recon.detach(), cond))
+        d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
+        return d_loss, {
+            f"{split}/disc_loss": d_loss.detach(),
+            f"{split}/logits_real": logits_real.detach().mean(),
+            f"{split}/logits_fake": logits_fake.detach().mean(),
+        }
+
+    def forward(
+        self,
+        codebook_loss: Tensor,
+        inputs: Tensor,
+        reconstructions: Tensor,
+        optimizer_idx: int,
+        global_step: int,
+        last_layer: Tensor | None = None,
+        cond: Tensor | None = None,
+        split: str = "train",
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """The official calling convention (optimizer_idx 0: generator, 1: discriminator)."""
+        if optimizer_idx == 0:
+            return self.generator_loss(codebook_loss, inputs, reconstructions, global_step, last_layer, cond, split)
+        if optimizer_idx == 1:
+            loss, log = self.discriminator_loss(inputs, reconstructions, global_step, cond, split)
+            return (loss if loss is not None else torch.zeros((), device=inputs.device)), log
+        raise ValueError(f"optimizer_idx must be 0 or 1, got {optimizer_idx}")

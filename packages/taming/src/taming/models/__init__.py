@@ -1,0 +1,1 @@
+"""Networks of Taming Transformers, with the official parameter names."""
