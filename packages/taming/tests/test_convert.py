@@ -9,8 +9,10 @@ from omegaconf import OmegaConf
 
 from gencore.io import CheckpointKeyError
 from gencore.testing import randomize_parameters
-from taming.convert import diffusers_vq_config, from_diffusers_vq, load_vqgan, to_diffusers_vq
-from taming.models.vqgan import GumbelVQ, VQModel
+from taming.convert import diffusers_vq_config, from_diffusers_vq, load_net2net, load_vqgan, to_diffusers_vq
+from taming.lit import Net2NetTransformer
+from taming.models.mingpt import GPT
+from taming.models.vqgan import GumbelVQ, VQModel, build_vqmodel
 
 PARITY_DD = dict(
     double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2],
@@ -241,3 +243,44 @@ def test_diffusers_config_refuses_what_it_cannot_express():
     g = GumbelVQ(ddconfig=PARITY_DD, n_embed=64, embed_dim=16)
     with pytest.raises(ValueError, match="quantize.proj"):
         to_diffusers_vq(g.state_dict())
+
+
+def _official_net2net_config(cond):
+    vq = {"target": "taming.models.vqgan.VQModel",
+          "params": {"embed_dim": 16, "n_embed": 64, "ddconfig": {
+              "double_z": False, "z_channels": 16, "resolution": 16, "in_channels": 1, "out_ch": 1, "ch": 32,
+              "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0},
+              "lossconfig": {"target": "taming.modules.losses.DummyLoss"}}}
+    cond_cfg = {"sos": "__is_unconditional__",
+                "class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}},
+                "vq": vq}[cond]
+    return {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.cond_transformer.Net2NetTransformer",
+                      "params": {"cond_stage_key": "depth", "unconditional": cond == "sos", "sos_token": 3,
+                                 "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT", "params": {
+                                     "vocab_size": 64, "block_size": 127, "n_layer": 2, "n_head": 2, "n_embd": 32}},
+                                 "first_stage_config": vq, "cond_stage_config": cond_cfg}}}
+
+
+@pytest.mark.parametrize("cond", ["sos", "class", "vq"])
+def test_official_net2net_checkpoint_loads_in_one_call(tmp_path, cond):
+    cfg = _official_net2net_config(cond)
+    (tmp_path / "project.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    # a model with the official layout, randomised, saved the way the released checkpoints are
+    gpt = GPT(vocab_size=64, block_size=127, n_layer=2, n_head=2, n_embd=32)
+    first = build_vqmodel("tiny")
+    cond_stage = {"sos": "sos", "class": "class", "vq": build_vqmodel("tiny")}[cond]
+    src = Net2NetTransformer(gpt, first, cond_stage=cond_stage, sos_token=3)
+    randomize_parameters(src, seed=1)
+    state = dict(src.state_dict())
+    assert all(k.split(".")[0] in ("transformer", "first_stage_model", "cond_stage_model") for k in state)
+    torch.save({"state_dict": state, "global_step": 10}, tmp_path / "last.ckpt")
+    loaded = load_net2net(tmp_path / "last.ckpt", config=tmp_path / "project.yaml")
+    assert loaded.cond_kind == {"sos": "sos", "class": "class", "vq": "spatial"}[cond]
+    z = torch.randint(0, 64, (2, 64))
+    c = {"sos": torch.full((2, 1), 3), "class": torch.tensor([[1], [7]]), "vq": torch.randint(0, 64, (2, 64))}[cond]
+    src.eval()
+    torch.testing.assert_close(loaded(z, c)[0], src(z, c)[0])
+    del state["transformer.head.weight"]
+    torch.save({"state_dict": state}, tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointKeyError, match="transformer.head.weight"):
+        load_net2net(tmp_path / "broken.ckpt", config=cfg)

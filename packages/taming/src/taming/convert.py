@@ -374,3 +374,59 @@ def diffusers_vq_config(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: in
         vq_embed_dim=int(embed_dim),
         mid_block_add_attention=attn_type == "vanilla",
     )
+
+
+# ------------------------------------------------------------------------------------------ Net2NetTransformer
+
+
+def load_net2net(
+    path: str | os.PathLike,
+    *,
+    config: Any,
+    strict: bool = True,
+    map_location: Any = "cpu",
+) -> Any:
+    """An official Net2NetTransformer ``.ckpt`` and its ``*-project.yaml`` as a :class:`taming.lit.Net2NetTransformer`,
+    in one call (``transformer.*``, ``first_stage_model.*``, ``cond_stage_model.*`` load strictly).
+
+    Conditioning stages: ``__is_unconditional__`` / ``unconditional: true`` / ``SOSProvider`` (start token),
+    ``Labelator`` (class token, no offset, as released), a VQGAN (spatial). Other stages (``CoordStage``,
+    ``VQSegmentationModel`` with a 1x1 segmentation head...) and non-identity permuters raise ValueError.
+    """
+    from taming.lit import Net2NetTransformer
+    from taming.models.mingpt import GPT
+
+    cfg = _to_plain(config)
+    node = cfg.get("model", cfg)
+    params = node.get("params", node)
+    if not isinstance(params, Mapping) or "transformer_config" not in params:
+        raise ValueError(f"config has no model.params.transformer_config (top-level keys: {sorted(cfg)})")
+    permuter = str((params.get("permuter_config") or {}).get("target", "Identity"))
+    if not permuter.endswith("Identity"):
+        raise ValueError(f"unsupported permuter {permuter!r}: only the identity order is implemented")
+    gpt = GPT(**{k: v for k, v in params["transformer_config"].get("params", {}).items()})
+    cls, kwargs = vqgan_config_from_yaml(cfg, stage="first_stage_config")
+    first = cls(**kwargs)
+    cond_node = params.get("cond_stage_config")
+    target = cond_node if isinstance(cond_node, str) else str((cond_node or {}).get("target", ""))
+    extra: dict[str, Any] = {"sos_token": int(params.get("sos_token", 0)), "pkeep": float(params.get("pkeep", 1.0)),
+                             "image_key": params.get("first_stage_key", "image")}
+    if params.get("unconditional") or target in ("__is_unconditional__", "") or target.endswith("SOSProvider"):
+        cond: Any = "sos"
+        if target.endswith("SOSProvider"):
+            extra["sos_token"] = int(cond_node.get("params", {}).get("sos_token", extra["sos_token"]))
+    elif target.endswith("Labelator"):
+        cond = "class"
+        extra.update(n_classes=int(cond_node["params"]["n_classes"]), class_offset=0)
+    elif target.rsplit(".", 1)[-1] in ("VQModel", "GumbelVQ"):
+        ccls, ckwargs = vqgan_config_from_yaml(cfg, stage="cond_stage_config")
+        cond = ccls(**ckwargs)
+        extra["cond_key"] = params.get("cond_stage_key", "depth")
+    else:
+        raise ValueError(f"unsupported conditioning stage {target!r} (supported: unconditional / SOSProvider, "
+                         f"Labelator, a VQGAN)")
+    module = Net2NetTransformer(gpt, first, cond_stage=cond, **extra)
+    state = extract_state_dict(load_checkpoint(path, map_location=map_location))
+    load_state_dict(module, state, strict=strict, ignore_prefixes=("first_stage_model.loss.", "cond_stage_model.loss.",
+                                                                    "permuter."), source=str(path))
+    return module.eval()

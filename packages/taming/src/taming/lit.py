@@ -311,10 +311,13 @@ class Net2NetTransformer(L.LightningModule):
             raise ValueError(f"image size {size} is not divisible by the first stage's factor {f}")
         return size // f, size // f
 
+    def _sample_opts(self, **kwargs: Any) -> dict[str, Any]:
+        """Sampling arguments: draws limited to image codes, then the configured defaults, then ``kwargs``."""
+        return {"vocab_limit": self.first_stage_model.vocab_size, **self.sample_kwargs, **kwargs}
+
     @torch.no_grad()
     def sample_from_c(self, c: Tensor, grid: tuple[int, int], **kwargs: Any) -> Tensor:
-        opts = {"vocab_limit": self.first_stage_model.vocab_size, **self.sample_kwargs, **kwargs}
-        z = sample_tokens(self.transformer, c, grid[0] * grid[1], **opts)
+        z = sample_tokens(self.transformer, c, grid[0] * grid[1], **self._sample_opts(**kwargs))
         return self.decode_to_img(z, grid)
 
     @torch.no_grad()
@@ -368,9 +371,8 @@ class Net2NetTransformer(L.LightningModule):
         c = self.encode_to_c(sub, x.shape[0])
         logs = {"inputs": x, "reconstructions": self.decode_to_img(z, grid), "samples": self.sample_from_c(c, grid)}
         half = z.shape[1] // 2  # complete the second half of each image (official "samples_half")
-        z_half = sample_tokens(
-            self.transformer, torch.cat((c, z[:, :half]), 1), z.shape[1] - half, **self.sample_kwargs
-        )
+        z_half = sample_tokens(self.transformer, torch.cat((c, z[:, :half]), 1), z.shape[1] - half,
+                               **self._sample_opts())
         logs["samples_half"] = self.decode_to_img(torch.cat((z[:, :half], z_half), 1), grid)
         if self.cond_kind == "spatial":
             logs["conditioning"] = self.cond_images(sub).to(self.device)

@@ -1,5 +1,5 @@
 """Metrics: the in-project Fashion-MNIST feature network (FID-FMNIST, KID, precision/recall, class accuracy) and
-torchmetrics FID / LPIPS / CLIP score with pretrained weights from local paths."""
+torchmetrics FID / LPIPS, and CLIP score, with pretrained weights from local paths."""
 
 from gencore.metrics.fmnist_net import FMNISTClassifierModule, FMNISTFeatureNet, load_feature_net
 from gencore.metrics.generative import (
@@ -12,9 +12,10 @@ from gencore.metrics.generative import (
     precision_recall,
     precision_recall_fmnist,
 )
-from gencore.metrics.pretrained import MissingWeightsError, clip_score, inception_fid, lpips_metric
+from gencore.metrics.pretrained import CLIPScorer, MissingWeightsError, clip_score, inception_fid, lpips_metric
 
 __all__ = [
+    "CLIPScorer",
     "FMNISTClassifierModule",
     "FMNISTFeatureNet",
     "MissingWeightsError",

@@ -1,4 +1,4 @@
-"""torchmetrics FID / LPIPS / CLIP score with real pretrained weights from local paths.
+"""FID / LPIPS (torchmetrics) and CLIP score with real pretrained weights from local paths.
 
 None of these weights can be downloaded on an offline machine. Each wrapper looks for the file where torch's hub cache
 keeps it (or takes a path), checks it with the safe checkpoint reader, and otherwise raises
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MissingWeightsError", "clip_score", "inception_fid", "lpips_metric"]
+__all__ = ["CLIPScorer", "MissingWeightsError", "clip_score", "inception_fid", "lpips_metric"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -88,15 +88,55 @@ def lpips_metric(net_type: str = "vgg", weights_path: str | os.PathLike | None =
         return LearnedPerceptualImagePatchSimilarity(net_type=net_type, **kwargs)
 
 
-def clip_score(model_path: str | os.PathLike, **kwargs: Any) -> Any:
-    """torchmetrics ``CLIPScore`` with a CLIP model saved locally in transformers format (config.json + weights)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+class CLIPScorer(torch.nn.Module):
+    """CLIP score (Hessel et al. 2021) as torchmetrics defines it: 100 · max(cos(E_image, E_text), 0).
 
+    torchmetrics 1.9's ``CLIPScore`` cannot run with transformers 5 (``get_image_features`` now returns an output
+    object, not a tensor) and accepts local folders only if their path contains "openai"; this computes the same
+    formula with the model's own processor. Images: (B, 3, H, W) uint8, or floats in [-1, 1].
+    """
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        super().__init__()
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval()
+        self.processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+
+    @staticmethod
+    def _embeds(out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Per-pair scores (B,)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"CLIP score: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if len(texts) != len(images):
+            raise ValueError(f"CLIP score: {len(images)} images but {len(texts)} texts")
+        if images.dtype != torch.uint8:
+            images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        device = next(self.model.parameters()).device
+        inputs = self.processor(text=list(texts), images=list(images.permute(0, 2, 3, 1).cpu().numpy()),
+                                return_tensors="pt", padding=True)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        img = self._embeds(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = self._embeds(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                        attention_mask=inputs.get("attention_mask")))
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return 100 * cos.clamp_min(0)
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Mean score of the batch."""
+        return self.scores(images, texts).mean()
+
+
+def clip_score(model_path: str | os.PathLike) -> CLIPScorer:
+    """CLIP score with a CLIP model saved locally in transformers format (config.json + weights + processor)."""
     p = Path(model_path)
     if not (p / "config.json").is_file():
         raise MissingWeightsError(
             f"CLIP score needs a local CLIP model folder (transformers format, e.g. a snapshot of "
             f"openai/clip-vit-large-patch14): {p / 'config.json'} does not exist"
         )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return CLIPScore(model_name_or_path=str(p), **kwargs)
+    return CLIPScorer(p)

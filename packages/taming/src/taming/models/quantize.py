@@ -111,6 +111,25 @@ class _Remap(nn.Module):
     re_embed: int
     unknown_index: str | int
 
+    def codebook(self) -> nn.Embedding:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_codebook_entry(self, indices: Tensor, shape: Sequence[int] | None) -> Tensor:
+        """Codes for ``indices`` (remapped space if ``remap``); ``shape`` = (B, H, W, C) gives (B, C, H, W)."""
+        _check_indices(indices, self.re_embed, "codebook indices")
+        indices = indices.reshape(-1)
+        if self.remap is not None:
+            indices = self.unmap_to_all(indices)
+        table = self.codebook()
+        z_q = table(indices)  # (N, C)
+        if shape is None:
+            return z_q
+        b, h, w, c = shape
+        dim = table.embedding_dim
+        if b * h * w != indices.numel() or c != dim:
+            raise ValueError(f"shape {tuple(shape)} does not fit {indices.numel()} indices of dim {dim}")
+        return rearrange(z_q.view(b, h, w, c), "b h w c -> b c h w").contiguous()
+
     def _init_remap(self, remap: RemapSpec, unknown_index: str | int, n: int) -> None:
         self.remap = remap
         if remap is None:
@@ -237,19 +256,8 @@ class VectorQuantizer(_Remap):
             idx = idx.reshape(b, h, w)
         return z_q, loss, (perplexity, None, idx)
 
-    def get_codebook_entry(self, indices: Tensor, shape: Sequence[int] | None) -> Tensor:
-        """Codes for ``indices`` (remapped space if ``remap``); ``shape`` = (B, H, W, C) gives (B, C, H, W)."""
-        _check_indices(indices, self.re_embed, "codebook indices")
-        indices = indices.reshape(-1)
-        if self.remap is not None:
-            indices = self.unmap_to_all(indices)
-        z_q = self.embedding(indices)  # (N, C)
-        if shape is None:
-            return z_q
-        b, h, w, c = shape
-        if b * h * w != indices.numel() or c != self.e_dim:
-            raise ValueError(f"shape {tuple(shape)} does not fit {indices.numel()} indices of dim {self.e_dim}")
-        return rearrange(z_q.view(b, h, w, c), "b h w c -> b c h w").contiguous()
+    def codebook(self) -> nn.Embedding:
+        return self.embedding
 
 
 # ------------------------------------------------------------------------------------------- Gumbel softmax
@@ -326,19 +334,8 @@ class GumbelQuantize(_Remap):
             return z_q, loss, (perplexity, None, idx), logits
         return z_q, loss, (perplexity, None, idx)
 
-    def get_codebook_entry(self, indices: Tensor, shape: Sequence[int] | None) -> Tensor:
-        """Codes for ``indices`` (remapped space if ``remap``); ``shape`` = (B, H, W, C) gives (B, C, H, W)."""
-        _check_indices(indices, self.re_embed, "codebook indices")
-        indices = indices.reshape(-1)
-        if self.remap is not None:
-            indices = self.unmap_to_all(indices)
-        z_q = self.embed(indices)  # (N, D)
-        if shape is None:
-            return z_q
-        b, h, w, c = shape
-        if b * h * w != indices.numel() or c != self.embedding_dim:
-            raise ValueError(f"shape {tuple(shape)} does not fit {indices.numel()} indices of dim {self.embedding_dim}")
-        return rearrange(z_q.view(b, h, w, c), "b h w c -> b c h w").contiguous()
+    def codebook(self) -> nn.Embedding:
+        return self.embed
 
 
 # ---------------------------------------------------------------------------------------------- schedule
