@@ -201,3 +201,21 @@ def test_xformers_matches_math_on_gpu():
         atol=2e-3,
         rtol=2e-3,
     )
+
+
+def test_narrow_heads_on_long_sequences_match_math_with_gradients():
+    # sdpa zero-pads heads narrower than 16 on AVX-512 CPUs (a faster kernel path): still the same attention
+    q, k, v = (torch.randn(2, 4, 256, 8, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, backend="sdpa")
+    qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = attention(qr, kr, vr, backend="math")
+    assert out.shape == (2, 4, 256, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for a, b in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    causal = attention(q.detach(), k.detach(), v.detach(), causal=True, backend="sdpa")
+    torch.testing.assert_close(
+        causal, attention(qr.detach(), kr.detach(), vr.detach(), causal=True, backend="math"), atol=1e-5, rtol=1e-5
+    )

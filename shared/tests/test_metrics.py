@@ -186,31 +186,10 @@ def test_inception_fid_with_local_weights(tmp_path, monkeypatch):
     assert torch.isfinite(fid.compute())
 
 
-def _tiny_clip(folder):
-    """A random tiny CLIP saved in transformers format, with a byte-level tokenizer (no merges)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(folder)
-    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(folder)
-
-
 def test_clip_score_runs_a_local_model(tmp_path):
-    _tiny_clip(tmp_path)
+    from gencore.testing import tiny_clip
+
+    tiny_clip(tmp_path)
     metric = clip_score(tmp_path)
     images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     texts = ["a photo of a sneaker", "a photo of a bag"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -193,8 +194,20 @@ def attention(
     return _BACKENDS[name](q, k, v, mask, causal, scale, dropout_p)
 
 
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 @register_backend("sdpa")
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, dropout_p: float) -> Tensor:
+    d = q.shape[-1]
+    if d < 16 and q.device.type == "cpu" and k.shape[2] >= 128 and _cpu_has_avx512():
+        # torch's CPU flash kernel works in 16-float vectors on AVX-512; narrower heads (the LDM UNet's 8) fall into
+        # its scalar tail. Zero columns leave q·kᵀ unchanged and only add output columns that are dropped: same
+        # attention, (4, 8, 1024, 8) fwd+bwd ~150 ms instead of ~225 ms on one thread.
+        q, k, v = (F.pad(z, (0, 16 - d)) for z in (q, k, v))
+        return _sdpa(q, k, v, mask, causal, scale, dropout_p)[..., :d]
     if causal and mask is None and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
     mask = _merged_mask(q, k, mask, causal)

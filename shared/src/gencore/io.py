@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError",
     "CheckpointKeyError",
+    "MissingWeightsError",
     "OpaqueObject",
     "UnsafeCheckpointError",
     "atomic_path",
@@ -59,6 +60,10 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """The pickle names a global outside the allow-list; nothing was executed."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights (a backbone, an encoder, a metric's network) are not on this machine; says which file."""
 
 
 class CheckpointKeyError(CheckpointError):

