@@ -16,8 +16,18 @@ from gencore.testing import randomize_parameters
 from taming.convert import diffusers_vq_config, to_diffusers_vq
 from taming.models.vqgan import VQModel
 
-DDCONFIG = dict(double_z=False, z_channels=64, resolution=64, in_channels=3, out_ch=3, ch=64, ch_mult=[1, 2, 2],
-                num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+DDCONFIG = dict(
+    double_z=False,
+    z_channels=64,
+    resolution=64,
+    in_channels=3,
+    out_ch=3,
+    ch=64,
+    ch_mult=[1, 2, 2],
+    num_res_blocks=2,
+    attn_resolutions=[],
+    dropout=0.0,
+)
 
 
 def main() -> None:
@@ -34,10 +44,14 @@ def main() -> None:
         t_ours = timeit(lambda: ours(x), warmup=3, runs=9)
         t_ref = timeit(lambda: ref(x), warmup=3, runs=9)
         t_ours2 = timeit(lambda: ours(x), warmup=1, runs=9)  # again, to expose drift on a busy machine
-    rows = [row("VQGAN enc+dec (4, 3, 64, 64), no_grad", t_ours, t_ref, flops, rate),
-            row("  same, measured again after the reference", t_ours2, t_ref, flops, rate)]
-    note = (f"Outputs agree to {diff:.1e} (same weights through taming.convert.to_diffusers_vq). "
-            f"fp32 matmul rate measured in this run: {rate / 1e9:.0f} GFLOP/s.")
+    rows = [
+        row("VQGAN enc+dec (4, 3, 64, 64), no_grad", t_ours, t_ref, flops, rate),
+        row("  same, measured again after the reference", t_ours2, t_ref, flops, rate),
+    ]
+    note = (
+        f"Outputs agree to {diff:.1e} (same weights through taming.convert.to_diffusers_vq). "
+        f"fp32 matmul rate measured in this run: {rate / 1e9:.0f} GFLOP/s."
+    )
     append_results("taming VQGAN encode+decode vs diffusers VQModel", rows, note=note)
 
 

@@ -11,10 +11,20 @@ from ldm.lit import LatentDiffusion
 from ldm.models.autoencoder import AUTOENCODER_PRESETS, KLCodec, build_autoencoder
 from ldm.models.unet import UNET_PRESETS, unet_from_preset
 
-SCHEDULE_NAMES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                  "posterior_mean_coef1", "posterior_mean_coef2")
+SCHEDULE_NAMES = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 
 
 def official_layout(module: LatentDiffusion, ema_offset: float | None = None) -> dict:
@@ -22,9 +32,9 @@ def official_layout(module: LatentDiffusion, ema_offset: float | None = None) ->
     out = {}
     for k, v in module.state_dict().items():
         if k.startswith("first_stage_model.model."):
-            out["first_stage_model." + k[len("first_stage_model.model."):]] = v
+            out["first_stage_model." + k[len("first_stage_model.model.") :]] = v
         elif k.startswith("schedule."):
-            out[k[len("schedule."):]] = v
+            out[k[len("schedule.") :]] = v
         else:
             out[k] = v
     out["first_stage_model.loss.logvar"] = torch.zeros(())  # training-only entries of the first stage
@@ -36,22 +46,44 @@ def official_layout(module: LatentDiffusion, ema_offset: float | None = None) ->
 
 
 def yaml_for(cond_stage: dict | str, *, unet: dict, conditioning_key="crossattn") -> dict:
-    return {"model": {"base_learning_rate": 1e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
-        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 8, "channels": 4,
-        "conditioning_key": conditioning_key, "scale_factor": 0.18215, "first_stage_key": "image",
-        "cond_stage_key": "class_label",
-        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-            **AUTOENCODER_PRESETS["tiny"], "lossconfig": {"target": "torch.nn.Identity"}}},
-        "cond_stage_config": cond_stage}}}
+    return {
+        "model": {
+            "base_learning_rate": 1e-4,
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "linear_start": 0.00085,
+                "linear_end": 0.012,
+                "timesteps": 1000,
+                "image_size": 8,
+                "channels": 4,
+                "conditioning_key": conditioning_key,
+                "scale_factor": 0.18215,
+                "first_stage_key": "image",
+                "cond_stage_key": "class_label",
+                "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+                "first_stage_config": {
+                    "target": "ldm.models.autoencoder.AutoencoderKL",
+                    "params": {**AUTOENCODER_PRESETS["tiny"], "lossconfig": {"target": "torch.nn.Identity"}},
+                },
+                "cond_stage_config": cond_stage,
+            },
+        }
+    }
 
 
 def build(cond: str, **kw) -> LatentDiffusion:
     torch.manual_seed(0)
     context = {"class": 16, "text": 32}[cond]
     unet = unet_from_preset("tiny", context_dim=context)
-    m = LatentDiffusion(unet, KLCodec(build_autoencoder("tiny")), image_size=32, cond_stage=cond,
-                        schedule={"linear_start": 0.00085, "linear_end": 0.012}, scale_factor=0.18215, **kw)
+    m = LatentDiffusion(
+        unet,
+        KLCodec(build_autoencoder("tiny")),
+        image_size=32,
+        cond_stage=cond,
+        schedule={"linear_start": 0.00085, "linear_end": 0.012},
+        scale_factor=0.18215,
+        **kw,
+    )
     randomize_parameters(m.model, seed=1, std=0.02)
     randomize_parameters(m.first_stage_model, seed=2, std=0.02)
     if m.cond_stage_model is not None:
@@ -62,9 +94,13 @@ def build(cond: str, **kw) -> LatentDiffusion:
 def test_class_conditional_checkpoint_with_ema(tmp_path):
     src = build("class", num_classes=11, null_class=False)
     torch.save({"state_dict": official_layout(src, ema_offset=0.01), "global_step": 100}, tmp_path / "model.ckpt")
-    cfg = yaml_for({"target": "ldm.modules.encoders.modules.ClassEmbedder",
-                    "params": {"embed_dim": 16, "n_classes": 11, "key": "class_label"}},
-                   unet={**UNET_PRESETS["tiny"], "context_dim": 16})
+    cfg = yaml_for(
+        {
+            "target": "ldm.modules.encoders.modules.ClassEmbedder",
+            "params": {"embed_dim": 16, "n_classes": 11, "key": "class_label"},
+        },
+        unet={**UNET_PRESETS["tiny"], "context_dim": 16},
+    )
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     loaded = load_ldm(tmp_path / "model.ckpt", config=tmp_path / "config.yaml")
     x = torch.rand(2, 4, 8, 8)
@@ -94,12 +130,17 @@ def test_sd_style_text_checkpoint_needs_and_uses_a_local_clip(tmp_path):
         getattr(tm, "text_model", tm).final_layer_norm.weight.add_(0.5)
     state = official_layout(src)
     # the SD v1 names (transformers 4.x: CLIPTextModel.text_model.*), and a buffer older files carry
-    state = {k.replace("cond_stage_model.transformer.", "cond_stage_model.transformer.text_model.")
-             if ".text_model." not in k else k: v for k, v in state.items()}
+    state = {
+        k.replace("cond_stage_model.transformer.", "cond_stage_model.transformer.text_model.")
+        if ".text_model." not in k
+        else k: v
+        for k, v in state.items()
+    }
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     torch.save({"state_dict": state}, tmp_path / "sd.ckpt")
-    cfg = yaml_for({"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
-                   unet={**UNET_PRESETS["tiny"], "context_dim": 32})
+    cfg = yaml_for(
+        {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}, unet={**UNET_PRESETS["tiny"], "context_dim": 32}
+    )
     with pytest.raises(ValueError, match="pass clip_path"):
         load_ldm(tmp_path / "sd.ckpt", config=cfg)
     loaded = load_ldm(tmp_path / "sd.ckpt", config=cfg, clip_path=clip_dir)
@@ -113,8 +154,9 @@ def test_schedule_mismatch_is_refused(tmp_path):
     state = official_layout(src)
     state["alphas_cumprod"] = state["alphas_cumprod"] * 0.9
     torch.save({"state_dict": state}, tmp_path / "m.ckpt")
-    cfg = yaml_for({"target": "ldm.modules.encoders.modules.ClassEmbedder", "params": {"embed_dim": 16,
-                                                                                     "n_classes": 11}},
-                   unet={**UNET_PRESETS["tiny"], "context_dim": 16})
+    cfg = yaml_for(
+        {"target": "ldm.modules.encoders.modules.ClassEmbedder", "params": {"embed_dim": 16, "n_classes": 11}},
+        unet={**UNET_PRESETS["tiny"], "context_dim": 16},
+    )
     with pytest.raises(ValueError, match="alphas_cumprod buffer differs"):
         load_ldm(tmp_path / "m.ckpt", config=cfg)

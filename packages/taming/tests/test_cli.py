@@ -21,8 +21,15 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST missing"),
 ]
-TINY = ["datamodule.image_size=16", "datamodule.batch_size=16", "datamodule.num_workers=0", "datamodule.limit_val=32",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=2"]
+TINY = [
+    "datamodule.image_size=16",
+    "datamodule.batch_size=16",
+    "datamodule.num_workers=0",
+    "datamodule.limit_val=32",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=2",
+]
 
 
 def _losses(run_dir: Path, key: str) -> list[float]:
@@ -33,9 +40,19 @@ def _losses(run_dir: Path, key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def vqgan_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vqgan")
-    cfg = compose(CONFIGS, "train", ["experiment=vqgan_fmnist", f"run_dir={out}", "module.model.preset=tiny",
-                                     "trainer.max_steps=120", "module.loss.disc_start=40",
-                                     "callbacks.images.every_n_steps=30", *TINY])
+    cfg = compose(
+        CONFIGS,
+        "train",
+        [
+            "experiment=vqgan_fmnist",
+            f"run_dir={out}",
+            "module.model.preset=tiny",
+            "trainer.max_steps=120",
+            "module.loss.disc_start=40",
+            "callbacks.images.every_n_steps=30",
+            *TINY,
+        ],
+    )
     res = run.train(cfg)
     return out, res
 
@@ -56,18 +73,40 @@ def test_vqgan_trains_on_fashion_mnist(vqgan_run):
 def test_class_transformer_trains_and_samples_from_the_cli(vqgan_run, tmp_path):
     vq_dir, _ = vqgan_run
     tr_dir = tmp_path / "class"
-    cfg = compose(CONFIGS, "train", ["experiment=transformer_fmnist_class", f"first_stage={vq_dir}",
-                                     f"run_dir={tr_dir}", "trainer.max_steps=60", "module.transformer.n_layer=2",
-                                     "module.transformer.n_embd=32", "module.transformer.vocab_size=74",
-                                     "module.class_offset=64", "callbacks.images.every_n_steps=60", *TINY])
+    cfg = compose(
+        CONFIGS,
+        "train",
+        [
+            "experiment=transformer_fmnist_class",
+            f"first_stage={vq_dir}",
+            f"run_dir={tr_dir}",
+            "trainer.max_steps=60",
+            "module.transformer.n_layer=2",
+            "module.transformer.n_embd=32",
+            "module.transformer.vocab_size=74",
+            "module.class_offset=64",
+            "callbacks.images.every_n_steps=60",
+            *TINY,
+        ],
+    )
     res = run.train(cfg)
     losses = _losses(tr_dir, "train/loss")
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
     assert (tr_dir / "images" / "samples" / "step_0000060.png").is_file()
     exe = Path(sys.executable).parent / "taming-sample"
-    proc = subprocess.run([str(exe), f"checkpoint={tr_dir}", f"out_dir={tmp_path / 's'}", "num_samples=12",
-                           "batch_size=6", "sample.labels=[0,1,2,3,4,5,6,7,8,9]"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            str(exe),
+            f"checkpoint={tr_dir}",
+            f"out_dir={tmp_path / 's'}",
+            "num_samples=12",
+            "batch_size=6",
+            "sample.labels=[0,1,2,3,4,5,6,7,8,9]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["images"].shape == (12, 1, 16, 16) and data["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
@@ -78,8 +117,17 @@ def test_class_transformer_trains_and_samples_from_the_cli(vqgan_run, tmp_path):
 def test_every_experiment_config_composes_and_builds(vqgan_run):
     vq_dir, _ = vqgan_run
     for exp in sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")):
-        cfg = compose(CONFIGS, "train", [f"experiment={exp}", f"first_stage={vq_dir}", f"cond_stage={vq_dir}",
-                                         "run_dir=/tmp/unused", "datamodule.root=/tmp"])
+        cfg = compose(
+            CONFIGS,
+            "train",
+            [
+                f"experiment={exp}",
+                f"first_stage={vq_dir}",
+                f"cond_stage={vq_dir}",
+                "run_dir=/tmp/unused",
+                "datamodule.root=/tmp",
+            ],
+        )
         assert cfg.module._target_.startswith("taming.lit.")
         if exp.endswith("fmnist") or "fmnist_" in exp:
             if "transformer" in exp:  # paper-size GPTs are not built here; the toy ones are

@@ -246,19 +246,48 @@ def test_diffusers_config_refuses_what_it_cannot_express():
 
 
 def _official_net2net_config(cond):
-    vq = {"target": "taming.models.vqgan.VQModel",
-          "params": {"embed_dim": 16, "n_embed": 64, "ddconfig": {
-              "double_z": False, "z_channels": 16, "resolution": 16, "in_channels": 1, "out_ch": 1, "ch": 32,
-              "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0},
-              "lossconfig": {"target": "taming.modules.losses.DummyLoss"}}}
-    cond_cfg = {"sos": "__is_unconditional__",
-                "class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}},
-                "vq": vq}[cond]
-    return {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.cond_transformer.Net2NetTransformer",
-                      "params": {"cond_stage_key": "depth", "unconditional": cond == "sos", "sos_token": 3,
-                                 "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT", "params": {
-                                     "vocab_size": 64, "block_size": 127, "n_layer": 2, "n_head": 2, "n_embd": 32}},
-                                 "first_stage_config": vq, "cond_stage_config": cond_cfg}}}
+    vq = {
+        "target": "taming.models.vqgan.VQModel",
+        "params": {
+            "embed_dim": 16,
+            "n_embed": 64,
+            "ddconfig": {
+                "double_z": False,
+                "z_channels": 16,
+                "resolution": 16,
+                "in_channels": 1,
+                "out_ch": 1,
+                "ch": 32,
+                "ch_mult": [1, 2],
+                "num_res_blocks": 1,
+                "attn_resolutions": [8],
+                "dropout": 0.0,
+            },
+            "lossconfig": {"target": "taming.modules.losses.DummyLoss"},
+        },
+    }
+    cond_cfg = {
+        "sos": "__is_unconditional__",
+        "class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}},
+        "vq": vq,
+    }[cond]
+    return {
+        "model": {
+            "base_learning_rate": 4.5e-6,
+            "target": "taming.models.cond_transformer.Net2NetTransformer",
+            "params": {
+                "cond_stage_key": "depth",
+                "unconditional": cond == "sos",
+                "sos_token": 3,
+                "transformer_config": {
+                    "target": "taming.modules.transformer.mingpt.GPT",
+                    "params": {"vocab_size": 64, "block_size": 127, "n_layer": 2, "n_head": 2, "n_embd": 32},
+                },
+                "first_stage_config": vq,
+                "cond_stage_config": cond_cfg,
+            },
+        }
+    }
 
 
 @pytest.mark.parametrize("cond", ["sos", "class", "vq"])

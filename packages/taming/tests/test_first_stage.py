@@ -15,15 +15,23 @@ def _module():
     torch.manual_seed(0)
     model = build_vqmodel("tiny")
     randomize_parameters(model, seed=3)
-    loss = VQLPIPSWithDiscriminator(disc_start=0, disc_in_channels=1, disc_ndf=8, disc_num_layers=2,
-                                    perceptual="none")
+    loss = VQLPIPSWithDiscriminator(disc_start=0, disc_in_channels=1, disc_ndf=8, disc_num_layers=2, perceptual="none")
     return VQGANModule(model, loss, scale_lr=False)
 
 
-MODULE_CFG = {"_target_": "taming.lit.VQGANModule", "scale_lr": False,
-              "model": {"_target_": "taming.models.vqgan.build_vqmodel", "preset": "tiny"},
-              "loss": {"_target_": "taming.losses.VQLPIPSWithDiscriminator", "disc_start": 0, "disc_in_channels": 1,
-                       "disc_ndf": 8, "disc_num_layers": 2, "perceptual": "none"}}
+MODULE_CFG = {
+    "_target_": "taming.lit.VQGANModule",
+    "scale_lr": False,
+    "model": {"_target_": "taming.models.vqgan.build_vqmodel", "preset": "tiny"},
+    "loss": {
+        "_target_": "taming.losses.VQLPIPSWithDiscriminator",
+        "disc_start": 0,
+        "disc_in_channels": 1,
+        "disc_ndf": 8,
+        "disc_num_layers": 2,
+        "perceptual": "none",
+    },
+}
 
 
 def test_first_stage_from_an_export_and_from_an_official_checkpoint(tmp_path):

@@ -160,12 +160,27 @@ def tiny_clip(folder: str | Path, *, hidden_size: int = 32, projection_dim: int 
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
-        vision_config=dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=projection_dim)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1,
+            pad_token_id=len(vocab) - 1,
+        ),
+        vision_config=dict(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=projection_dim,
+    )
     torch.manual_seed(seed)
     CLIPModel(cfg).save_pretrained(folder)
     image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

@@ -486,8 +486,9 @@ def load_ldm(
         def key_map(k: str) -> str:  # transformers >= 5 dropped CLIPTextModel.text_model
             return k.replace("transformer.text_model.", "transformer.", 1) if flat_clip else k
 
-        load_state_dict(module.cond_stage_model, cond_state, key_map=key_map, strict=strict,
-                        source=f"{source} (cond_stage_model)")
+        load_state_dict(
+            module.cond_stage_model, cond_state, key_map=key_map, strict=strict, source=f"{source} (cond_stage_model)"
+        )
     # the schedule is rebuilt from the config; the checkpoint's copy must agree
     if "alphas_cumprod" in state:
         ours = module.schedule.alphas_cumprod

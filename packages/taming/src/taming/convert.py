@@ -409,8 +409,11 @@ def load_net2net(
     first = cls(**kwargs)
     cond_node = params.get("cond_stage_config")
     target = cond_node if isinstance(cond_node, str) else str((cond_node or {}).get("target", ""))
-    extra: dict[str, Any] = {"sos_token": int(params.get("sos_token", 0)), "pkeep": float(params.get("pkeep", 1.0)),
-                             "image_key": params.get("first_stage_key", "image")}
+    extra: dict[str, Any] = {
+        "sos_token": int(params.get("sos_token", 0)),
+        "pkeep": float(params.get("pkeep", 1.0)),
+        "image_key": params.get("first_stage_key", "image"),
+    }
     if params.get("unconditional") or target in ("__is_unconditional__", "") or target.endswith("SOSProvider"):
         cond: Any = "sos"
         if target.endswith("SOSProvider"):
@@ -423,10 +426,16 @@ def load_net2net(
         cond = ccls(**ckwargs)
         extra["cond_key"] = params.get("cond_stage_key", "depth")
     else:
-        raise ValueError(f"unsupported conditioning stage {target!r} (supported: unconditional / SOSProvider, "
-                         f"Labelator, a VQGAN)")
+        raise ValueError(
+            f"unsupported conditioning stage {target!r} (supported: unconditional / SOSProvider, Labelator, a VQGAN)"
+        )
     module = Net2NetTransformer(gpt, first, cond_stage=cond, **extra)
     state = extract_state_dict(load_checkpoint(path, map_location=map_location))
-    load_state_dict(module, state, strict=strict, ignore_prefixes=("first_stage_model.loss.", "cond_stage_model.loss.",
-                                                                    "permuter."), source=str(path))
+    load_state_dict(
+        module,
+        state,
+        strict=strict,
+        ignore_prefixes=("first_stage_model.loss.", "cond_stage_model.loss.", "permuter."),
+        source=str(path),
+    )
     return module.eval()

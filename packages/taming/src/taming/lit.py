@@ -371,8 +371,9 @@ class Net2NetTransformer(L.LightningModule):
         c = self.encode_to_c(sub, x.shape[0])
         logs = {"inputs": x, "reconstructions": self.decode_to_img(z, grid), "samples": self.sample_from_c(c, grid)}
         half = z.shape[1] // 2  # complete the second half of each image (official "samples_half")
-        z_half = sample_tokens(self.transformer, torch.cat((c, z[:, :half]), 1), z.shape[1] - half,
-                               **self._sample_opts())
+        z_half = sample_tokens(
+            self.transformer, torch.cat((c, z[:, :half]), 1), z.shape[1] - half, **self._sample_opts()
+        )
         logs["samples_half"] = self.decode_to_img(torch.cat((z[:, :half], z_half), 1), grid)
         if self.cond_kind == "spatial":
             logs["conditioning"] = self.cond_images(sub).to(self.device)
