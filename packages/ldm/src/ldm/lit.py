@@ -404,17 +404,24 @@ class LatentDiffusion(L.LightningModule):
         return out
 
     @torch.no_grad()
-    def inpaint(self, images: Tensor, masks: Tensor, **kwargs: Any) -> Tensor:
+    def inpaint(self, images: Tensor, masks: Tensor, labels: list[int] | Tensor | None = None,
+                captions: list[str] | None = None, **kwargs: Any) -> Tensor:
         """Fill ``masks`` (1 = hole) of ``images``: conditionally for an ``inpaint`` model, otherwise by masked
-        sampling (the known latents are re-noised into every step, official DDIM ``mask``/``x0``)."""
+        sampling (the known latents are re-noised into every step, official DDIM ``mask``/``x0``); class / text
+        models fill with ``labels`` / ``captions`` when given, else with the null condition."""
         opts = {**self.sample_kwargs, **kwargs}
         images, masks = images.to(self.device), masks.to(self.device)
         n = images.shape[0]
         if self.concat == "inpaint":
             z = self.sample_latents(n, self.conditions({self.image_key: images, "mask": masks}), **opts)
         else:
+            if labels is not None or captions is not None:
+                cond = self.conditions({self.label_key: torch.as_tensor(labels) if labels is not None else None,
+                                        self.caption_key: captions}, n)
+            else:
+                cond = self.unconditional(n)
             keep = 1 - torch.nn.functional.interpolate(masks, size=self.latent_shape[1:], mode="nearest")
-            z = self.sample_latents(n, None, x0=self.encode(images), mask=keep, **opts)
+            z = self.sample_latents(n, cond, x0=self.encode(images), mask=keep, **opts)
         out = self.decode(z).clamp(-1, 1)
         return out * masks + images * (1 - masks)
 
