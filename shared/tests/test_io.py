@@ -193,6 +193,13 @@ def test_atomic_path_leaves_the_old_file_on_failure(tmp_path):
     with io.atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"
+    umask = os.umask(0o022)
+    try:
+        with io.atomic_path(tmp_path / "perm.bin") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "perm.bin").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
 
 
 def test_save_safetensors_handles_shared_storage(tmp_path):

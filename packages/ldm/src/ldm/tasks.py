@@ -30,7 +30,7 @@ def _cfg(cfg: Any) -> DictConfig:
 
 
 def load_model(cfg: Any) -> torch.nn.Module:
-    """The model named by ``cfg.checkpoint`` (+ ``official_config`` / ``clip_path`` / ``use_ema``), on ``cfg.device``."""
+    """The model named by ``cfg.checkpoint`` (+ ``official_config``, ``clip_path``, ``use_ema``) on ``cfg.device``."""
     cfg = _cfg(cfg)
     device = run.pick_device(cfg.get("device", "auto"))
     if cfg.get("official_config"):

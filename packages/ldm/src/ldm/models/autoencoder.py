@@ -327,7 +327,7 @@ class KLCodec(FrozenCodec):
 
 
 def load_kl_first_stage(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     *,
     config: Any = None,
     preset: str | None = None,
@@ -344,6 +344,8 @@ def load_kl_first_stage(
     from gencore.io import extract_state_dict, load_checkpoint
     from gencore.run import load_module
 
+    if path is None:
+        raise ValueError("no first stage given: pass the autoencoder (first_stage=<run folder | export | .ckpt>)")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"KL first stage not found: {p}")
