@@ -45,7 +45,7 @@ def test_autoencoder_trains(autoencoder):
     assert _values(autoencoder, "train/disc_loss")
     metrics = tasks.evaluate({"checkpoint": str(autoencoder), "num_samples": 100, "batch_size": 50,
                               "out_dir": str(autoencoder / "eval"), "seed": 0})
-    assert metrics["psnr"] > 12 and metrics["fid_fmnist"] > 0
+    assert metrics["psnr"] > 10 and metrics["fid_fmnist"] > 0
 
 
 @pytest.fixture(scope="module")
