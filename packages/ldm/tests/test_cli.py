@@ -21,8 +21,14 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST missing"),
 ]
-QUICK = ["datamodule.batch_size=16", "datamodule.num_workers=0", "datamodule.limit_val=32",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=2"]
+QUICK = [
+    "datamodule.batch_size=16",
+    "datamodule.num_workers=0",
+    "datamodule.limit_val=32",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=2",
+]
 
 
 def _values(run_dir: Path, key: str) -> list[float]:
@@ -33,9 +39,22 @@ def _values(run_dir: Path, key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def autoencoder(tmp_path_factory):
     out = tmp_path_factory.mktemp("ae")
-    run.train(compose(CONFIGS, "train", ["experiment=autoencoder_fmnist", f"run_dir={out}", "trainer.max_steps=80",
-                                         "module.scale_lr=false", "module.learning_rate=1e-3",
-                                         "module.loss.disc_start=20", "callbacks.images.every_n_steps=40", *QUICK]))
+    run.train(
+        compose(
+            CONFIGS,
+            "train",
+            [
+                "experiment=autoencoder_fmnist",
+                f"run_dir={out}",
+                "trainer.max_steps=80",
+                "module.scale_lr=false",
+                "module.learning_rate=1e-3",
+                "module.loss.disc_start=20",
+                "callbacks.images.every_n_steps=40",
+                *QUICK,
+            ],
+        )
+    )
     return out
 
 
@@ -43,18 +62,39 @@ def test_autoencoder_trains(autoencoder):
     rec = _values(autoencoder, "train/rec_loss")
     assert np.mean(rec[-5:]) < 0.8 * np.mean(rec[:5])
     assert _values(autoencoder, "train/disc_loss")
-    metrics = tasks.evaluate({"checkpoint": str(autoencoder), "num_samples": 100, "batch_size": 50,
-                              "out_dir": str(autoencoder / "eval"), "seed": 0})
+    metrics = tasks.evaluate(
+        {
+            "checkpoint": str(autoencoder),
+            "num_samples": 100,
+            "batch_size": 50,
+            "out_dir": str(autoencoder / "eval"),
+            "seed": 0,
+        }
+    )
     assert metrics["psnr"] > 10 and metrics["fid_fmnist"] > 0
 
 
 @pytest.fixture(scope="module")
 def ldm_run(autoencoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("ldm")
-    res = run.train(compose(CONFIGS, "train", [
-        "experiment=ldm_fmnist_class", f"first_stage={autoencoder}", f"run_dir={out}", "trainer.max_steps=40",
-        "trainer.max_time=null", "+module.unet.model_channels=32", "+module.unet.num_head_channels=16",
-        "module.sample.steps=4", "callbacks.images.every_n_steps=40", *QUICK]))
+    res = run.train(
+        compose(
+            CONFIGS,
+            "train",
+            [
+                "experiment=ldm_fmnist_class",
+                f"first_stage={autoencoder}",
+                f"run_dir={out}",
+                "trainer.max_steps=40",
+                "trainer.max_time=null",
+                "+module.unet.model_channels=32",
+                "+module.unet.num_head_channels=16",
+                "module.sample.steps=4",
+                "callbacks.images.every_n_steps=40",
+                *QUICK,
+            ],
+        )
+    )
     return out, res
 
 
@@ -65,26 +105,64 @@ def test_latent_diffusion_trains_and_the_console_script_samples(ldm_run, tmp_pat
     assert float(res.module.scale_factor) != 1.0  # scale_by_std ran on the first batch
     assert (out / "images" / "samples" / "step_0000040.png").is_file()
     exe = Path(sys.executable).parent / "ldm-sample"
-    proc = subprocess.run([str(exe), f"checkpoint={out}", f"out_dir={tmp_path / 's'}", "num_samples=6",
-                           "batch_size=3", "sample.steps=4", "sample.guidance_scale=2.0", "sample.labels=[7,8,9]"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(exe),
+            f"checkpoint={out}",
+            f"out_dir={tmp_path / 's'}",
+            "num_samples=6",
+            "batch_size=3",
+            "sample.steps=4",
+            "sample.guidance_scale=2.0",
+            "sample.labels=[7,8,9]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["images"].shape == (6, 1, 32, 32) and data["labels"].tolist() == [7, 8, 9, 7, 8, 9]
-    metrics = tasks.evaluate({"checkpoint": str(out), "num_samples": 20, "batch_size": 10, "seed": 0,
-                              "out_dir": str(tmp_path / "e"), "sample": {"steps": 4}})
+    metrics = tasks.evaluate(
+        {
+            "checkpoint": str(out),
+            "num_samples": 20,
+            "batch_size": 10,
+            "seed": 0,
+            "out_dir": str(tmp_path / "e"),
+            "sample": {"steps": 4},
+        }
+    )
     assert {"fid", "class_accuracy", "seconds_per_image"} <= set(metrics)
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["n"] == 20
-    masked = tasks.inpaint({"checkpoint": str(out), "num_samples": 4, "batch_size": 4, "seed": 0,
-                            "out_dir": str(tmp_path / "i"), "sample": {"steps": 4}})
+    masked = tasks.inpaint(
+        {
+            "checkpoint": str(out),
+            "num_samples": 4,
+            "batch_size": 4,
+            "seed": 0,
+            "out_dir": str(tmp_path / "i"),
+            "sample": {"steps": 4},
+        }
+    )
     assert json.loads((masked / "metrics.json").read_text())["outside_changed"] == 0.0
     assert (masked / "grid.png").is_file()
 
 
 def test_every_experiment_config_composes(autoencoder):
     for exp in sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")):
-        cfg = compose(CONFIGS, "train", [f"experiment={exp}", f"first_stage={autoencoder}", "run_dir=/tmp/unused",
-                                         "datamodule.root=/tmp", "+clip_path=/tmp", "+sd_checkpoint=/tmp/x.ckpt"])
+        cfg = compose(
+            CONFIGS,
+            "train",
+            [
+                f"experiment={exp}",
+                f"first_stage={autoencoder}",
+                "run_dir=/tmp/unused",
+                "datamodule.root=/tmp",
+                "+clip_path=/tmp",
+                "+sd_checkpoint=/tmp/x.ckpt",
+            ],
+        )
         assert cfg.module._target_.startswith("ldm.lit.")
         if "fmnist" in exp:  # the toy ones are built (the paper ones need real weights and data)
             module = instantiate(cfg.module, _convert_="all")
@@ -92,12 +170,34 @@ def test_every_experiment_config_composes(autoencoder):
 
 
 def test_superres_model_end_to_end(autoencoder, tmp_path):
-    res = run.train(compose(CONFIGS, "train", [
-        "experiment=ldm_fmnist_superres", f"first_stage={autoencoder}", f"run_dir={tmp_path / 'sr'}",
-        "trainer.max_steps=10", "trainer.max_time=null", "+module.unet.model_channels=32",
-        "+module.unet.num_head_channels=16", "module.sample.steps=4", "callbacks.images.every_n_steps=10", *QUICK]))
+    res = run.train(
+        compose(
+            CONFIGS,
+            "train",
+            [
+                "experiment=ldm_fmnist_superres",
+                f"first_stage={autoencoder}",
+                f"run_dir={tmp_path / 'sr'}",
+                "trainer.max_steps=10",
+                "trainer.max_time=null",
+                "+module.unet.model_channels=32",
+                "+module.unet.num_head_channels=16",
+                "module.sample.steps=4",
+                "callbacks.images.every_n_steps=10",
+                *QUICK,
+            ],
+        )
+    )
     assert res.module.model.conditioning_key == "concat"
-    out = tasks.superres({"checkpoint": str(tmp_path / "sr"), "num_samples": 4, "batch_size": 4, "seed": 0,
-                          "out_dir": str(tmp_path / "o"), "sample": {"steps": 4}})
+    out = tasks.superres(
+        {
+            "checkpoint": str(tmp_path / "sr"),
+            "num_samples": 4,
+            "batch_size": 4,
+            "seed": 0,
+            "out_dir": str(tmp_path / "o"),
+            "sample": {"steps": 4},
+        }
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 4 and np.isfinite(m["psnr"]) and m["psnr_bicubic"] > 10

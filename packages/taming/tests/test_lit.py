@@ -144,3 +144,20 @@ def test_vqgan_module_condition_input_and_gumbel_schedule():
     m.log = m.log_dict = lambda *a, **k: None
     m.training_step(batch(), 0)
     assert model.temperature == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("cond", ["sos", "class", "spatial"])
+def test_generate_beyond_the_training_window_slides(cond):
+    vq = tiny_vq()  # trained at 16x16 -> an 8x8 window of codes
+    stage = {"sos": "sos", "class": "class", "spatial": tiny_vq(n_embed=32)}[cond]
+    gpt = tiny_gpt(vocab=74, block=128)
+    m = Net2NetTransformer(gpt, vq, cond_stage=stage, class_offset=64, condition="edges" if cond == "spatial" else None)
+    kw = {"cond_images": -torch.ones(2, 1, 24, 24)} if cond == "spatial" else {}
+    out = m.generate(2, labels=[1, 2] if cond == "class" else None, image_size=24, top_k=8, **kw)
+    assert out["images"].shape == (2, 1, 24, 24)  # a 12x12 grid from an 8x8 window
+    assert m.generate(
+        2,
+        labels=[1, 2] if cond == "class" else None,
+        top_k=8,
+        **({"cond_images": -torch.ones(2, 1, 16, 16)} if cond == "spatial" else {}),
+    )["images"].shape == (2, 1, 16, 16)

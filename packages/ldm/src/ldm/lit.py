@@ -404,8 +404,14 @@ class LatentDiffusion(L.LightningModule):
         return out
 
     @torch.no_grad()
-    def inpaint(self, images: Tensor, masks: Tensor, labels: list[int] | Tensor | None = None,
-                captions: list[str] | None = None, **kwargs: Any) -> Tensor:
+    def inpaint(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        labels: list[int] | Tensor | None = None,
+        captions: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         """Fill ``masks`` (1 = hole) of ``images``: conditionally for an ``inpaint`` model, otherwise by masked
         sampling (the known latents are re-noised into every step, official DDIM ``mask``/``x0``); class / text
         models fill with ``labels`` / ``captions`` when given, else with the null condition."""
@@ -416,8 +422,13 @@ class LatentDiffusion(L.LightningModule):
             z = self.sample_latents(n, self.conditions({self.image_key: images, "mask": masks}), **opts)
         else:
             if labels is not None or captions is not None:
-                cond = self.conditions({self.label_key: torch.as_tensor(labels) if labels is not None else None,
-                                        self.caption_key: captions}, n)
+                cond = self.conditions(
+                    {
+                        self.label_key: torch.as_tensor(labels) if labels is not None else None,
+                        self.caption_key: captions,
+                    },
+                    n,
+                )
             else:
                 cond = self.unconditional(n)
             keep = 1 - torch.nn.functional.interpolate(masks, size=self.latent_shape[1:], mode="nearest")

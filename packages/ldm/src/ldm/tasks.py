@@ -36,8 +36,12 @@ def load_model(cfg: Any) -> torch.nn.Module:
     if cfg.get("official_config"):
         from ldm.convert import load_ldm
 
-        module = load_ldm(cfg.checkpoint, config=cfg.official_config, clip_path=cfg.get("clip_path"),
-                          use_ema=bool(cfg.get("use_ema", True)))
+        module = load_ldm(
+            cfg.checkpoint,
+            config=cfg.official_config,
+            clip_path=cfg.get("clip_path"),
+            use_ema=bool(cfg.get("use_ema", True)),
+        )
     else:
         module = run.load_module(cfg.checkpoint, use_ema=bool(cfg.get("use_ema", True)))
     return module.to(device).eval()
@@ -57,8 +61,9 @@ def sample(cfg: Any) -> Path:
     """``ldm-sample``: ``num_samples`` images (class ``labels`` / text ``captions`` cycled) -> grid.png, samples.npz."""
     cfg = _cfg(cfg)
     module = load_model(cfg)
-    out = run.generate(module, int(cfg.num_samples), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-                       **_sample_kwargs(cfg))
+    out = run.generate(
+        module, int(cfg.num_samples), batch_size=int(cfg.batch_size), seed=int(cfg.seed), **_sample_kwargs(cfg)
+    )
     out_dir = Path(str(cfg.out_dir))
     save_grid(out["images"][: int(cfg.grid_size)], out_dir / "grid.png", nrow=cfg.get("nrow"))
     arrays = {"images": to_uint8(out["images"]).numpy()}
@@ -87,14 +92,22 @@ def inpaint(cfg: Any) -> Path:
     module = load_model(cfg)
     torch.manual_seed(int(cfg.seed))
     images = _test_images(module, int(cfg.num_samples)).to(module.device)
-    masks = random_masks(len(images), images.shape[-1], generator=torch.Generator().manual_seed(int(cfg.seed)),
-                         device=module.device)
-    filled = torch.cat([module.inpaint(images[i : i + int(cfg.batch_size)], masks[i : i + int(cfg.batch_size)],
-                                       **_sample_kwargs(cfg)) for i in range(0, len(images), int(cfg.batch_size))])
+    masks = random_masks(
+        len(images), images.shape[-1], generator=torch.Generator().manual_seed(int(cfg.seed)), device=module.device
+    )
+    filled = torch.cat(
+        [
+            module.inpaint(
+                images[i : i + int(cfg.batch_size)], masks[i : i + int(cfg.batch_size)], **_sample_kwargs(cfg)
+            )
+            for i in range(0, len(images), int(cfg.batch_size))
+        ]
+    )
     out_dir = Path(str(cfg.out_dir))
     n = min(len(images), 8)
-    save_grid(torch.cat([images[:n] * (1 - masks[:n]) + masks[:n], filled[:n], images[:n]]), out_dir / "grid.png",
-              nrow=n)
+    save_grid(
+        torch.cat([images[:n] * (1 - masks[:n]) + masks[:n], filled[:n], images[:n]]), out_dir / "grid.png", nrow=n
+    )
     hole = masks.expand_as(images) > 0
     err = (filled - images)[hole].square().mean().item()
     metrics = {"n": len(images), "hole_mse": err, "outside_changed": float((filled - images)[~hole].abs().max())}
@@ -117,10 +130,16 @@ def superres(cfg: Any) -> Path:
     bicubic = torch.nn.functional.interpolate(low, scale_factor=f, mode="bicubic").clamp(-1, 1)
     out_dir = Path(str(cfg.out_dir))
     n = min(len(images), 8)
-    save_grid(torch.cat([torch.nn.functional.interpolate(low[:n], scale_factor=f), out[:n], images[:n]]),
-              out_dir / "grid.png", nrow=n)
-    metrics = {"n": len(images), "psnr": float(psnr(out, images).mean()),
-               "psnr_bicubic": float(psnr(bicubic, images).mean())}
+    save_grid(
+        torch.cat([torch.nn.functional.interpolate(low[:n], scale_factor=f), out[:n], images[:n]]),
+        out_dir / "grid.png",
+        nrow=n,
+    )
+    metrics = {
+        "n": len(images),
+        "psnr": float(psnr(out, images).mean()),
+        "psnr_bicubic": float(psnr(bicubic, images).mean()),
+    }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return out_dir
 
@@ -140,13 +159,21 @@ def evaluate(cfg: Any) -> dict[str, float]:
         from gencore.data import FashionMNIST
 
         enc = module.model.encoder
-        images = FashionMNIST(split="test", image_size=enc.resolution, channels=enc.in_channels,
-                              limit=n).tensors()[0].to(module.device)
+        images = (
+            FashionMNIST(split="test", image_size=enc.resolution, channels=enc.in_channels, limit=n)
+            .tensors()[0]
+            .to(module.device)
+        )
         with torch.no_grad():
-            rec = torch.cat([module(images[i : i + bs], sample_posterior=False)[0].clamp(-1, 1)
-                             for i in range(0, len(images), bs)])
-        metrics = {"n": float(len(rec)), "psnr": float(psnr(rec, images).mean()), "fid_fmnist": fid_fmnist(rec.cpu()),
-                   "seconds_per_image": (time.perf_counter() - t0) / len(rec)}
+            rec = torch.cat(
+                [module(images[i : i + bs], sample_posterior=False)[0].clamp(-1, 1) for i in range(0, len(images), bs)]
+            )
+        metrics = {
+            "n": float(len(rec)),
+            "psnr": float(psnr(rec, images).mean()),
+            "fid_fmnist": fid_fmnist(rec.cpu()),
+            "seconds_per_image": (time.perf_counter() - t0) / len(rec),
+        }
     elif isinstance(module, LatentDiffusion):
         kwargs = _sample_kwargs(cfg)
         if module.cond_kind == "class":

@@ -24,7 +24,7 @@ from gencore.modules import freeze
 from taming.conditioning import ClassProvider, SOSProvider, condition_transform
 from taming.losses import VQLPIPSWithDiscriminator
 from taming.models.quantize import codebook_usage
-from taming.sampling import sample_tokens
+from taming.sampling import sample_tokens, sliding_window_sample
 
 __all__ = ["Net2NetTransformer", "VQGANModule", "psnr", "scaled_learning_rate"]
 
@@ -331,7 +331,8 @@ class Net2NetTransformer(L.LightningModule):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """``n`` images. Class models take ``labels`` (default: uniform random classes); spatial models take
-        ``cond_images`` (default: conditions derived from random Fashion-MNIST ``cond_split`` images)."""
+        ``cond_images`` (default: conditions derived from random Fashion-MNIST ``cond_split`` images). An
+        ``image_size`` above the training resolution samples its larger code grid with a sliding window."""
         grid = self.latent_grid(image_size)
         out: dict[str, Any] = {}
         if self.cond_kind == "sos":
@@ -360,8 +361,29 @@ class Net2NetTransformer(L.LightningModule):
                 out["labels"] = ds.labels[pick]
             c = self.cond_stage_model.encode_to_indices(cond_images.to(self.device)).flatten(1)
             out["conditions"] = cond_images.cpu()
-        out["images"] = self.sample_from_c(c, grid, **kwargs)
+        window = self.latent_grid()  # the grid the transformer was trained on
+        if grid[0] > window[0] or grid[1] > window[1]:
+            out["images"] = self.sample_sliding(c, grid, window, **kwargs)
+        else:
+            out["images"] = self.sample_from_c(c, grid, **kwargs)
         return out
+
+    @torch.no_grad()
+    def sample_sliding(self, c: Tensor, grid: tuple[int, int], window: tuple[int, int], **kwargs: Any) -> Tensor:
+        """Images whose code grid is larger than the training window (official ``sample_conditional.py``): every
+        position is sampled from the window crop around it; spatial conditions are cropped alike."""
+        opts = self._sample_opts(**kwargs)
+        opts.pop("use_cache", None)
+        shape = (c.shape[0], *grid)
+        if self.cond_kind == "spatial":
+            z = sliding_window_sample(self.transformer, shape, window=window, cond=c, cond_shape=grid, **opts)
+        elif self.cond_kind == "sos":
+            z = sliding_window_sample(
+                self.transformer, shape, window=window, sos=self.cond_stage_model.sos_token, **opts
+            )
+        else:
+            z = sliding_window_sample(self.transformer, shape, window=window, cond=c, **opts)
+        return self.decode_to_img(z.flatten(1), grid)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], n: int = 16) -> dict[str, Tensor]:
