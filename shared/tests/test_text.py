@@ -36,3 +36,11 @@ def test_bad_arguments(tmp_path, minilm):
         FrozenTextEncoder(pooling="max")
     with pytest.raises(ValueError, match="list of strings"):
         minilm("a single string")
+
+
+def test_hidden_layer_selects_an_earlier_layer():
+    enc = FrozenTextEncoder(max_length=8, hidden_layer=-2)
+    last = FrozenTextEncoder(max_length=8)
+    a, b = enc(["a photo of a coat"]), last(["a photo of a coat"])
+    assert a["tokens"].shape == b["tokens"].shape and not torch.allclose(a["tokens"], b["tokens"])
+    torch.testing.assert_close(a["pooled"], b["pooled"])  # pooling uses the final states either way

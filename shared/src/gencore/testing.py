@@ -170,6 +170,7 @@ def tiny_clip(folder: str | Path, *, hidden_size: int = 32, projection_dim: int 
             bos_token_id=len(vocab) - 2,
             eos_token_id=len(vocab) - 1,
             pad_token_id=len(vocab) - 1,
+            projection_dim=projection_dim,
         ),
         vision_config=dict(
             hidden_size=hidden_size,

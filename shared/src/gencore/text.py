@@ -52,6 +52,8 @@ class FrozenTextEncoder(FrozenModule):
         normalize_pooled: L2-normalise the pooled vector (sentence-embedding use).
         projection: CLIP only: load ``CLIPTextModelWithProjection`` (True; SD3's pooled vectors) or the bare
             ``CLIPTextModel`` (False; Stable Diffusion v1's ``cond_stage_model``); ``None`` = if the config has one.
+        hidden_layer: take the token states of this hidden layer instead of the last (SD3 uses CLIP's penultimate,
+            ``-2``); pooling still uses the final states.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FrozenTextEncoder(FrozenModule):
         pooling: str = "auto",
         normalize_pooled: bool = False,
         projection: bool | None = None,
+        hidden_layer: int | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoTokenizer
@@ -83,6 +86,7 @@ class FrozenTextEncoder(FrozenModule):
         self.max_length = max_length
         self.pooling = ("model" if model_type.startswith("clip") else "mean") if pooling == "auto" else pooling
         self.normalize_pooled = normalize_pooled
+        self.hidden_layer = hidden_layer
         self.hidden_size = int(
             self.transformer.config.hidden_size
             if hasattr(self.transformer.config, "hidden_size")
@@ -107,6 +111,17 @@ class FrozenTextEncoder(FrozenModule):
         return transformers.AutoModel.from_pretrained(folder, local_files_only=True)
 
     @property
+    def pooled_size(self) -> int:
+        """Width of the pooled vector (the projection's for CLIP with a projection, else the hidden size)."""
+        if (
+            self.pooling == "model"
+            and hasattr(self.transformer.config, "projection_dim")
+            and hasattr(self.transformer, "text_projection")
+        ):
+            return int(self.transformer.config.projection_dim)
+        return self.hidden_size
+
+    @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
@@ -122,14 +137,15 @@ class FrozenTextEncoder(FrozenModule):
     def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """``{"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, D)}``."""
         batch = self.tokenize(texts)
-        out = self.transformer(**batch)
-        tokens = out.last_hidden_state  # (B, L, D)
+        out = self.transformer(**batch, output_hidden_states=self.hidden_layer is not None)
+        last = out.last_hidden_state  # (B, L, D)
+        tokens = last if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
         mask = batch["attention_mask"].bool()
         if self.pooling == "mean":
-            w = mask.unsqueeze(-1).to(tokens.dtype)
-            pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+            w = mask.unsqueeze(-1).to(last.dtype)
+            pooled = (last * w).sum(1) / w.sum(1).clamp_min(1.0)
         elif self.pooling == "cls":
-            pooled = tokens[:, 0]
+            pooled = last[:, 0]
         else:
             pooled = getattr(out, "text_embeds", None)
             pooled = out.pooler_output if pooled is None else pooled

@@ -1,0 +1,161 @@
+"""Text conditioning of SD3 (Sec. 5.2; ``Stability-AI/sd3.5: sd3_infer.py:get_cond``, diffusers' SD3 pipeline).
+
+Three frozen encoders, combined:
+
+- CLIP-L (768) and CLIP-G (1280) token states (their penultimate layer) are concatenated on channels (2048) and
+  zero-padded to ``joint_attention_dim`` (4096); T5-XXL states (4096) follow **on the sequence** axis;
+- the pooled vector is ``cat(CLIP-L pooled, CLIP-G pooled)`` (2048);
+- in training each encoder is dropped independently (its features zeroed per sample), so the model works without T5
+  and learns the unconditional input of classifier-free guidance.
+
+Any subset works (an encoder that is absent contributes nothing); the offline toy default is one MiniLM encoder, whose
+384-d token states are the sequence and whose mean-pooled states the pooled vector. Encoders load from local folders
+through :class:`gencore.text.FrozenTextEncoder`; objects with the same ``forward(texts) -> {"tokens", "pooled"}``
+interface can be passed directly (tests, custom encoders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gencore.modules import FrozenModule
+
+__all__ = ["SD3TextConditioner"]
+
+CLIP_NAMES = ("clip_l", "clip_g")
+
+
+class SD3TextConditioner(FrozenModule):
+    """Frozen text encoders -> ``{"context": (B, L, joint_dim), "pooled": (B, pooled_dim)}``.
+
+    Args:
+        clip_l / clip_g / t5: local model folders (or encoder objects); ``None`` leaves that encoder out.
+        minilm: use the offline all-MiniLM-L6-v2 encoder alone (the default when no other encoder is given).
+        joint_attention_dim: width of the context (CLIP features are zero-padded to it; T5's must equal it).
+        clip_max_length / t5_max_length / minilm_max_length: tokens per prompt (77 / 256 as the diffusers pipeline;
+            the reference uses 77 for T5).
+        clip_layer: hidden layer of the CLIP token states (-2: the penultimate, as SD3).
+    """
+
+    def __init__(
+        self,
+        *,
+        clip_l: Any = None,
+        clip_g: Any = None,
+        t5: Any = None,
+        minilm: bool | None = None,
+        joint_attention_dim: int | None = None,
+        clip_max_length: int = 77,
+        t5_max_length: int = 256,
+        minilm_max_length: int = 16,
+        clip_layer: int = -2,
+    ) -> None:
+        super().__init__()
+        from gencore.text import FrozenTextEncoder
+
+        def build(spec: Any, **kw: Any) -> nn.Module:
+            return spec if isinstance(spec, nn.Module) else FrozenTextEncoder(spec, **kw)
+
+        encoders: dict[str, nn.Module] = {}
+        if clip_l is not None:
+            encoders["clip_l"] = build(
+                clip_l, max_length=clip_max_length, pooling="model", projection=True, hidden_layer=clip_layer
+            )
+        if clip_g is not None:
+            encoders["clip_g"] = build(
+                clip_g, max_length=clip_max_length, pooling="model", projection=True, hidden_layer=clip_layer
+            )
+        if t5 is not None:
+            encoders["t5"] = build(t5, max_length=t5_max_length)
+        if minilm or (minilm is None and not encoders):
+            encoders["minilm"] = build(None, max_length=minilm_max_length, pooling="mean")
+        if not encoders:
+            raise ValueError("SD3TextConditioner: no text encoder given (clip_l, clip_g, t5 or minilm)")
+        self.encoders = nn.ModuleDict(encoders)
+        widths = {n: int(e.hidden_size) for n, e in encoders.items()}
+        clip_width = sum(widths[n] for n in CLIP_NAMES if n in widths)
+        natural = max([clip_width, widths.get("t5", 0), widths.get("minilm", 0)])
+        self.joint_attention_dim = int(joint_attention_dim or natural)
+        for name, w in widths.items():
+            limit = clip_width if name in CLIP_NAMES else w
+            if limit > self.joint_attention_dim:
+                raise ValueError(
+                    f"{name} features ({limit}) are wider than joint_attention_dim {self.joint_attention_dim}"
+                )
+        if "t5" in widths and widths["t5"] != self.joint_attention_dim:
+            raise ValueError(f"T5 width {widths['t5']} must equal joint_attention_dim {self.joint_attention_dim}")
+        self.pooled_dim = sum(int(encoders[n].pooled_size) for n in ("clip_l", "clip_g", "minilm") if n in encoders)
+        self.widths = widths
+        self.freeze()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.encoders)
+
+    @torch.no_grad()
+    def encode_parts(self, prompts: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        """Each encoder's ``{"tokens", "pooled"}`` for ``prompts``."""
+        if isinstance(prompts, str):
+            raise ValueError("SD3TextConditioner: expected a list of prompts, got a single string")
+        return {name: enc(list(prompts)) for name, enc in self.encoders.items()}
+
+    def combine(
+        self, parts: Mapping[str, Mapping[str, Tensor]], keep: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The SD3 layout from per-encoder features; ``keep[name]`` (B,) bool zeroes dropped encoders per sample."""
+
+        def kept(name: str, t: Tensor) -> Tensor:
+            if keep is None or name not in keep:
+                return t
+            mask = keep[name].to(t.device, t.dtype).view(-1, *([1] * (t.dim() - 1)))
+            return t * mask
+
+        d = self.joint_attention_dim
+        seq: list[Tensor] = []
+        pooled: list[Tensor] = []
+        clip = [kept(n, parts[n]["tokens"]) for n in CLIP_NAMES if n in parts]
+        if clip:
+            length = max(t.shape[1] for t in clip)
+            clip = [F.pad(t, (0, 0, 0, length - t.shape[1])) for t in clip]
+            cat = torch.cat(clip, dim=-1)  # (B, 77, 768 + 1280)
+            seq.append(F.pad(cat, (0, d - cat.shape[-1])))  # zero-padded to (B, 77, 4096)
+            pooled += [kept(n, parts[n]["pooled"]) for n in CLIP_NAMES if n in parts]
+        for name in ("t5", "minilm"):
+            if name in parts:
+                t = kept(name, parts[name]["tokens"])
+                seq.append(F.pad(t, (0, d - t.shape[-1])))
+                if name == "minilm":
+                    pooled.append(kept(name, parts[name]["pooled"]))
+        return {"context": torch.cat(seq, dim=1), "pooled": torch.cat(pooled, dim=-1)}
+
+    def forward(self, prompts: Sequence[str], keep: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return self.combine(self.encode_parts(prompts), keep)
+
+    def random_keep(
+        self,
+        batch_size: int,
+        p_drop: float | Mapping[str, float],
+        *,
+        generator: torch.Generator | None = None,
+        device: Any = None,
+    ) -> dict[str, Tensor]:
+        """Independent per-encoder dropout masks (SD3 drops each encoder with its own probability)."""
+        out = {}
+        for name in self.names:
+            p = float(p_drop.get(name, 0.0)) if isinstance(p_drop, Mapping) else float(p_drop)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"dropout probability for {name} must be in [0, 1], got {p}")
+            out[name] = torch.rand(batch_size, generator=generator, device=device) >= p
+        return out
+
+    def unconditional(self, batch_size: int, device: Any = None) -> dict[str, Tensor]:
+        """All encoders dropped: zeros of the conditional shapes (what training with dropout learned as "no text")."""
+        parts = self.encode_parts([""])
+        zeros = {n: torch.zeros(1, dtype=torch.bool) for n in self.names}
+        out = self.combine(parts, zeros)
+        return {k: v.expand(batch_size, *v.shape[1:]).to(device) for k, v in out.items()}
