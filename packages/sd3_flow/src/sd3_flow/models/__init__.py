@@ -1,0 +1,1 @@
+"""Networks of SD3: the MMDiT (and MMDiT-X), with the diffusers / original parameter layouts mapped."""
