@@ -44,3 +44,18 @@ def test_hidden_layer_selects_an_earlier_layer():
     a, b = enc(["a photo of a coat"]), last(["a photo of a coat"])
     assert a["tokens"].shape == b["tokens"].shape and not torch.allclose(a["tokens"], b["tokens"])
     torch.testing.assert_close(a["pooled"], b["pooled"])  # pooling uses the final states either way
+
+
+def test_feature_cache_returns_the_same_features_without_recomputing(monkeypatch):
+    enc = FrozenTextEncoder(max_length=8, cache_size=3)
+    fresh = FrozenTextEncoder(max_length=8, cache_size=0)
+    prompts = ["a photo of a bag", "a photo of a coat", "a photo of a bag"]
+    a = enc(prompts)
+    torch.testing.assert_close(a["tokens"], fresh(prompts)["tokens"])
+    calls = []
+    original = enc._encode
+    monkeypatch.setattr(enc, "_encode", lambda texts: calls.append(list(texts)) or original(texts))
+    b = enc(["a photo of a coat", "a photo of a bag"])
+    assert calls == [] and torch.equal(b["tokens"][0], a["tokens"][1])
+    enc(["x", "y"])  # evicts the oldest entries beyond cache_size
+    assert calls == [["x", "y"]] and len(enc._cache) == 3

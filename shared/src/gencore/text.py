@@ -54,6 +54,7 @@ class FrozenTextEncoder(FrozenModule):
             ``CLIPTextModel`` (False; Stable Diffusion v1's ``cond_stage_model``); ``None`` = if the config has one.
         hidden_layer: take the token states of this hidden layer instead of the last (SD3 uses CLIP's penultimate,
             ``-2``); pooling still uses the final states.
+        cache_size: distinct prompts whose features are kept (0 = no cache).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class FrozenTextEncoder(FrozenModule):
         normalize_pooled: bool = False,
         projection: bool | None = None,
         hidden_layer: int | None = None,
+        cache_size: int = 1024,
     ) -> None:
         super().__init__()
         from transformers import AutoTokenizer
@@ -87,6 +89,8 @@ class FrozenTextEncoder(FrozenModule):
         self.pooling = ("model" if model_type.startswith("clip") else "mean") if pooling == "auto" else pooling
         self.normalize_pooled = normalize_pooled
         self.hidden_layer = hidden_layer
+        self.cache_size = int(cache_size)
+        self._cache: dict[tuple[str, str], dict[str, Tensor]] = {}
         self.hidden_size = int(
             self.transformer.config.hidden_size
             if hasattr(self.transformer.config, "hidden_size")
@@ -135,7 +139,28 @@ class FrozenTextEncoder(FrozenModule):
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """``{"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, D)}``."""
+        """``{"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, D)}``.
+
+        Features of the last ``cache_size`` distinct prompts are kept (the encoder is frozen, so they never change):
+        a caption set like Fashion-MNIST's ten is encoded once, not every training step.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text encoder: expected a list of strings")
+        texts = list(texts)
+        if not self.cache_size:
+            return self._encode(texts)
+        key_device = str(self.device)
+        missing = list(dict.fromkeys(t for t in texts if (key_device, t) not in self._cache))
+        if missing:
+            fresh = self._encode(missing)
+            for i, t in enumerate(missing):
+                self._cache[(key_device, t)] = {k: v[i] for k, v in fresh.items()}
+            while len(self._cache) > self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+        items = [self._cache[(key_device, t)] for t in texts]
+        return {k: torch.stack([it[k] for it in items]) for k in ("tokens", "mask", "pooled")}
+
+    def _encode(self, texts: list[str]) -> dict[str, Tensor]:
         batch = self.tokenize(texts)
         out = self.transformer(**batch, output_hidden_states=self.hidden_layer is not None)
         last = out.last_hidden_state  # (B, L, D)
