@@ -175,3 +175,32 @@ def test_bad_configurations():
         LatentDiffusion(unet(), codec(), concat="depth")
     with pytest.raises(ValueError, match="cond_stage must be"):
         LatentDiffusion(unet(), codec(), cond_stage="layout")
+
+
+def test_semantic_synthesis_by_concatenation():
+    from ldm.conditioning import SpatialRescaler, one_hot_map
+
+    r = SpatialRescaler(n_stages=2, method="nearest", multiplier=0.5, in_channels=5, out_channels=3)
+    assert set(r.state_dict()) == {"channel_mapper.weight"}  # official names
+    seg = torch.randint(0, 5, (2, 32, 32))
+    assert r(one_hot_map(seg, 5)).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        one_hot_map(seg + 5, 5)
+    m = LatentDiffusion(
+        unet(in_channels=7, context_dim=None, use_spatial_transformer=False),
+        codec(),
+        concat="semantic",
+        semantic={"n_stages": 2, "method": "nearest", "in_channels": 5, "out_channels": 3},
+        image_size=32,
+        sample={"steps": 4},
+    )
+    assert m.model.conditioning_key == "concat" and isinstance(m.cond_stage_model, SpatialRescaler)
+    m.log = m.log_dict = lambda *a, **k: None
+    loss = m.training_step({**batch(2), "segmentation": seg}, 0)
+    loss.backward()
+    assert m.cond_stage_model.channel_mapper.weight.grad is not None  # trainable, as officially
+    assert m.generate(2, segmentation=seg)["images"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs segmentation maps"):
+        m.generate(1)
+    with pytest.raises(ValueError, match="semantic=\\{in_channels"):
+        LatentDiffusion(unet(), codec(), concat="semantic")

@@ -160,3 +160,39 @@ def test_schedule_mismatch_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="alphas_cumprod buffer differs"):
         load_ldm(tmp_path / "m.ckpt", config=cfg)
+
+
+def test_semantic_synthesis_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    unet_kw = {**UNET_PRESETS["tiny"], "in_channels": 7, "context_dim": None, "use_spatial_transformer": False}
+    src = LatentDiffusion(
+        unet_from_preset("tiny", **{k: v for k, v in unet_kw.items() if k != "image_size"}),
+        KLCodec(build_autoencoder("tiny")),
+        image_size=32,
+        concat="semantic",
+        semantic={"n_stages": 2, "in_channels": 5, "out_channels": 3},
+        schedule={"linear_start": 0.00085, "linear_end": 0.012},
+        scale_factor=0.18215,
+    )
+    randomize_parameters(src, seed=4, std=0.02)
+    torch.save({"state_dict": official_layout(src.eval())}, tmp_path / "sem.ckpt")
+    cfg = yaml_for(
+        {
+            "target": "ldm.modules.encoders.modules.SpatialRescaler",
+            "params": {"n_stages": 2, "in_channels": 5, "out_channels": 3},
+        },
+        unet=unet_kw,
+        conditioning_key="concat",
+    )
+    cfg["model"]["params"]["cond_stage_key"] = "segmentation"
+    loaded = load_ldm(tmp_path / "sem.ckpt", config=cfg)
+    assert loaded.concat == "semantic"
+    torch.testing.assert_close(
+        loaded.cond_stage_model.channel_mapper.weight, src.cond_stage_model.channel_mapper.weight
+    )
+    seg = torch.randint(0, 5, (2, 32, 32))
+    batch = {"image": torch.zeros(2, 3, 32, 32), "segmentation": seg}
+    x, t = torch.rand(2, 4, 8, 8), torch.tensor([5, 500])
+    torch.testing.assert_close(
+        loaded.denoise(x, t, **loaded.conditions(batch)), src.denoise(x, t, **src.conditions(batch))
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "CONDITIONING_KEYS",
     "ClassEmbedder",
     "DiffusionWrapper",
+    "SpatialRescaler",
     "inpainting_condition",
     "low_resolution_condition",
     "random_masks",
@@ -89,6 +90,50 @@ class DiffusionWrapper(nn.Module):
             x = torch.cat([x, c_concat], dim=1)
         context = c_crossattn if key in ("crossattn", "hybrid") else None
         return self.diffusion_model(x, t, context=context, y=y if key == "adm" else None)
+
+
+class SpatialRescaler(nn.Module):
+    """Semantic-map conditioning (official ``SpatialRescaler``): ``n_stages`` resizes by ``multiplier``, then a 1x1
+    ``channel_mapper`` (e.g. 182 COCO-Stuff classes -> 3 channels for ``semantic_synthesis256``)."""
+
+    def __init__(
+        self,
+        n_stages: int = 1,
+        method: str = "bilinear",
+        multiplier: float = 0.5,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_stages < 0:
+            raise ValueError(f"SpatialRescaler: n_stages must be >= 0, got {n_stages}")
+        if method not in ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area"):
+            raise ValueError(f"SpatialRescaler: unknown method {method!r}")
+        self.n_stages, self.method, self.multiplier, self.in_channels = n_stages, method, multiplier, in_channels
+        self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias) if out_channels else None
+        self.out_channels = out_channels or in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SpatialRescaler: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        for _ in range(self.n_stages):
+            x = F.interpolate(x, scale_factor=self.multiplier, mode=self.method)
+        return x if self.channel_mapper is None else self.channel_mapper(x)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self(x)
+
+
+def one_hot_map(seg: Tensor, n_classes: int) -> Tensor:
+    """(B, H, W) integer label map -> (B, n_classes, H, W) float one-hot (a (B, C, H, W) map passes through)."""
+    if seg.dim() == 4:
+        return seg.float()
+    if seg.dim() != 3:
+        raise ValueError(f"segmentation must be (B, H, W) labels or (B, C, H, W) maps, got {tuple(seg.shape)}")
+    if int(seg.min()) < 0 or int(seg.max()) >= n_classes:
+        raise ValueError(f"segmentation labels must lie in [0, {n_classes}), got [{int(seg.min())}, {int(seg.max())}]")
+    return F.one_hot(seg.long(), n_classes).permute(0, 3, 1, 2).float()
 
 
 def random_masks(

@@ -406,7 +406,8 @@ def load_ldm(
     tokenizer and architecture come from a local ``clip_path`` — e.g. a snapshot of openai/clip-vit-large-patch14 —
     and whose weights come from the checkpoint), the schedule and ``scale_factor``.
 
-    Unsupported conditioning stages (the 1.45B model's BERTEmbedder, layout / semantic encoders) raise ValueError.
+    Semantic-synthesis checkpoints (``SpatialRescaler``) load as ``concat="semantic"`` models. Unsupported conditioning
+    stages (the 1.45B model's BERTEmbedder, the layout model's encoder) raise ValueError.
     """
     import torch
 
@@ -452,9 +453,16 @@ def load_ldm(
             )
         cond = "text"
         kwargs = {"text_encoder": {"path": clip_path, "max_length": 77, "projection": False, "pooling": "model"}}
+    elif cs_target.endswith("SpatialRescaler"):
+        cond = None
+        kwargs = {
+            "concat": "semantic",
+            "semantic": dict(cs.get("params", {})),
+            "segmentation_key": params.get("cond_stage_key", "segmentation"),
+        }
     else:
         raise ValueError(
-            f"unsupported conditioning stage {cs_target!r} (supported: unconditional, ClassEmbedder, "
+            f"unsupported conditioning stage {cs_target!r} (supported: unconditional, ClassEmbedder, SpatialRescaler, "
             "FrozenCLIPEmbedder)"
         )
     scale_factor = float(state["scale_factor"]) if "scale_factor" in state else float(params.get("scale_factor", 1.0))
@@ -475,7 +483,7 @@ def load_ldm(
         scale_factor=scale_factor,
         **kwargs,
     )
-    if module.cond_stage_model is not None and cond is not None:
+    if module.cond_stage_model is not None:
         cond_state = {
             k[len(cond_prefix) :]: v
             for k, v in state.items()

@@ -133,7 +133,8 @@ class LatentDiffusion(L.LightningModule):
             frozen ``gencore.text.FrozenTextEncoder``; ``text_encoder`` = its keyword arguments), or a module.
         conditioning_key: how conditions enter the UNet (``crossattn``, ``concat``, ``hybrid``, ``adm``); default:
             ``crossattn`` for class / text, ``concat`` for concat-only models, ``hybrid`` for both.
-        concat: ``"lowres"`` (super-resolution by ``sr_factor``) or ``"inpaint"`` (masked latent + mask).
+        concat: ``"lowres"`` (super-resolution by ``sr_factor``), ``"inpaint"`` (masked latent + mask) or
+            ``"semantic"`` (``batch[segmentation_key]`` through a ``SpatialRescaler(**semantic)``).
         schedule: ``DiffusionSchedule`` keyword arguments (official "linear" 1e-4..2e-2 over 1000 steps by default).
         parameterization: ``eps`` (all official configs), ``x0`` or ``v``.
         p_uncond: conditioning dropout for classifier-free guidance (the official code has none; SD used 0.1).
@@ -156,6 +157,8 @@ class LatentDiffusion(L.LightningModule):
         text_encoder: dict[str, Any] | None = None,
         concat: str | None = None,
         sr_factor: int = 4,
+        semantic: dict[str, Any] | None = None,
+        segmentation_key: str = "segmentation",
         schedule: dict[str, Any] | None = None,
         parameterization: str = "eps",
         p_uncond: float = 0.0,
@@ -175,8 +178,10 @@ class LatentDiffusion(L.LightningModule):
         from ldm.conditioning import ClassEmbedder, DiffusionWrapper
         from ldm.diffusion import DiffusionLoss, DiffusionSchedule
 
-        if concat not in (None, "lowres", "inpaint"):
-            raise ValueError(f"concat must be None, 'lowres' or 'inpaint', got {concat!r}")
+        if concat not in (None, "lowres", "inpaint", "semantic"):
+            raise ValueError(f"concat must be None, 'lowres', 'inpaint' or 'semantic', got {concat!r}")
+        if concat == "semantic" and not semantic:
+            raise ValueError("concat='semantic' needs semantic={in_channels: <classes>, ...} (SpatialRescaler kwargs)")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         codec = first_stage if first_stage is not None else IdentityCodec(image_channels)
@@ -217,6 +222,15 @@ class LatentDiffusion(L.LightningModule):
             key_default, self.cond_stage_model = "crossattn", cond_stage
         else:
             raise ValueError(f"cond_stage must be None, 'class', 'text' or a module, got {cond_stage!r}")
+        if concat == "semantic":
+            from ldm.conditioning import SpatialRescaler
+
+            rescaler = SpatialRescaler(**semantic)
+            if self.cond_stage_model is None:  # the official layout: the rescaler is the cond_stage_model
+                self.cond_stage_model = rescaler
+            else:
+                self.semantic_model = rescaler
+            self.segmentation_key = segmentation_key
         if concat is not None:
             key_default = "hybrid" if key_default == "crossattn" else "concat"
         self.model = DiffusionWrapper(unet, conditioning_key or key_default)
@@ -266,6 +280,8 @@ class LatentDiffusion(L.LightningModule):
             x = x.to(self.device)
             if self.concat == "lowres":
                 cond["c_concat"] = self.encode_lowres(x)
+            elif self.concat == "semantic":
+                cond["c_concat"] = self.encode_semantic(batch, n)
             else:
                 mask = batch.get("mask")
                 mask = random_masks_like(x) if mask is None else mask[:n].to(self.device)
@@ -273,6 +289,19 @@ class LatentDiffusion(L.LightningModule):
 
                 cond["c_concat"] = inpainting_condition(x, mask, self.encode)
         return cond or None
+
+    def encode_semantic(self, batch: dict[str, Any], n: int | None) -> Tensor:
+        """The segmentation map of the batch through the SpatialRescaler, resized to the latent grid."""
+        from ldm.conditioning import one_hot_map
+
+        if self.segmentation_key not in batch:
+            raise ValueError(f"semantic synthesis needs batch[{self.segmentation_key!r}]")
+        rescaler = getattr(self, "semantic_model", None) or self.cond_stage_model
+        seg = one_hot_map(torch.as_tensor(batch[self.segmentation_key][:n]).to(self.device), rescaler.in_channels)
+        c = rescaler(seg)
+        if c.shape[-2:] != self.latent_shape[1:]:
+            c = torch.nn.functional.interpolate(c, size=self.latent_shape[1:], mode="nearest")
+        return c
 
     def encode_lowres(self, x: Tensor) -> Tensor:
         from ldm.conditioning import low_resolution_condition
@@ -377,10 +406,16 @@ class LatentDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, n: int, labels: list[int] | Tensor | None = None, captions: list[str] | None = None, **kwargs: Any
+        self,
+        n: int,
+        labels: list[int] | Tensor | None = None,
+        captions: list[str] | None = None,
+        segmentation: Tensor | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
         """``n`` images: class models take ``labels`` (default: random), text models ``captions`` (default: the
-        Fashion-MNIST caption of a random class); sampler / steps / eta / guidance_scale as in ``sample``."""
+        Fashion-MNIST caption of a random class), semantic-synthesis models ``segmentation`` maps; sampler / steps /
+        eta / guidance_scale as in ``sample``."""
         opts = {**self.sample_kwargs, **kwargs}
         batch: dict[str, Any] = {}
         out: dict[str, Any] = {}
@@ -396,7 +431,12 @@ class LatentDiffusion(L.LightningModule):
                 captions, out["labels"] = [caption_for(int(c)) for c in picks], picks
             batch[self.caption_key] = list(captions)[:n]
             out["captions"] = batch[self.caption_key]
-        if self.concat is not None:
+        if self.concat == "semantic":
+            if segmentation is None:
+                raise ValueError("a semantic-synthesis model needs segmentation maps: generate(n, segmentation=...)")
+            batch[self.segmentation_key] = segmentation
+            batch[self.image_key] = torch.zeros(n, self.first_stage_model.in_channels, self.image_size, self.image_size)
+        elif self.concat is not None:
             raise ValueError("concat-conditioned models sample with inpaint(...) / superres(...), not generate()")
         cond = self.conditions(batch, n) if batch else None
         z = self.sample_latents(n, cond, **opts)
