@@ -47,6 +47,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_state_dict",
+    "plain_config",
     "save_safetensors",
 ]
 
@@ -393,6 +394,25 @@ def load_state_dict(
     loadable = {k: v for k, v in selected.items() if k in own and v.shape == own[k].shape}
     module.load_state_dict(loadable, strict=False)
     return missing, unexpected
+
+
+# ------------------------------------------------------------------------------------------- official configs
+
+
+def plain_config(cfg: Any) -> Any:
+    """An official yaml (a path), a DictConfig or a mapping as plain resolved dicts / lists (papers' ``*.yaml``)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, (str, os.PathLike)):
+        path = Path(cfg)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if isinstance(cfg, Mapping):
+        return OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)
+    raise ValueError(f"config must be a path, a mapping or a DictConfig, got {type(cfg).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- release folders

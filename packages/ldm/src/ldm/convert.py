@@ -31,12 +31,11 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict
+from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict, plain_config
 from ldm.models.unet import UNET_PRESETS, UNetModel, attention_heads
 
 __all__ = [
@@ -242,26 +241,11 @@ def unet_from_diffusers(state: Mapping[str, Tensor], config: Mapping[str, Any]) 
     return _rename(state, table, _RESNET_FROM_DIFFUSERS, "unet_from_diffusers")
 
 
-def _to_plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, (str, os.PathLike)):
-        path = Path(cfg)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if isinstance(cfg, Mapping):
-        return OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)
-    raise ValueError(f"config must be a path, a mapping or a DictConfig, got {type(cfg).__name__}")
-
-
 def unet_config_from_yaml(config: Any) -> dict[str, Any]:
     """UNetModel keyword arguments from an official config: the whole LDM yaml (``model.params.unet_config``),
     the ``unet_config`` node (``{target, params}``), its ``params``, or plain UNetModel kwargs (path, dict or
     DictConfig). ``use_fp16`` is dropped (False is the only value UNetModel accepts)."""
-    cfg = _to_plain(config)
+    cfg = plain_config(config)
     node: Any = cfg
     for key in ("model", "params", "unet_config", "params"):  # descend as far as the file nests
         if isinstance(node, Mapping) and "model_channels" not in node and isinstance(node.get(key), Mapping):
@@ -415,7 +399,7 @@ def load_ldm(
     from ldm.lit import LatentDiffusion
     from ldm.models.autoencoder import KLCodec
 
-    cfg = _to_plain(config)
+    cfg = plain_config(config)
     node = cfg.get("model", cfg)
     params = node.get("params", node)
     if not isinstance(params, Mapping) or "unet_config" not in params:

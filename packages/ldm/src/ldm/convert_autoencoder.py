@@ -22,12 +22,11 @@ import copy
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict
+from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict, plain_config
 from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL, build_autoencoder
 from taming.convert import diffusers_vq_config, from_diffusers_vq, to_diffusers_vq
 
@@ -48,21 +47,6 @@ _AE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # ------------------------------------------------------------------------------------------- official configs
 
 
-def _to_plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, (str, os.PathLike)):
-        path = Path(cfg)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if isinstance(cfg, Mapping):
-        return OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)
-    raise ValueError(f"config must be a path, a mapping or a DictConfig, got {type(cfg).__name__}")
-
-
 def _model_params(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     node = cfg.get("model", cfg)
     params = node.get("params", node) if isinstance(node, Mapping) else node
@@ -76,7 +60,7 @@ def autoencoder_config_from_yaml(config: Any) -> dict[str, Any]:
     embed_dim, lossconfig}}``), an LDM / Stable Diffusion file (its ``model.params.first_stage_config``), either
     node itself or its ``params``. ``lossconfig``, ``monitor``, ``ckpt_path`` and other training fields are dropped.
     """
-    cfg = _to_plain(config)
+    cfg = plain_config(config)
     node = cfg.get("model", cfg)
     params = node.get("params", node) if isinstance(node, Mapping) else None
     if (
@@ -105,7 +89,7 @@ def scale_factor_from(state: Mapping[str, Tensor] | None = None, config: Any = N
     if state is not None and isinstance(state.get("scale_factor"), Tensor):
         return float(state["scale_factor"])
     if config is not None:
-        value = _model_params(_to_plain(config)).get("scale_factor")
+        value = _model_params(plain_config(config)).get("scale_factor")
         if value is not None:
             return float(value)
     return None

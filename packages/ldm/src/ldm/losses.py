@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from taming.losses import NLayerDiscriminator, adopt_weight, build_perceptual, hinge_d_loss, vanilla_d_loss
+from taming.losses import PatchGANLoss, adopt_weight, build_perceptual
 
 __all__ = ["LPIPSWithDiscriminator"]
 
 
-class LPIPSWithDiscriminator(nn.Module):
+class LPIPSWithDiscriminator(PatchGANLoss):
     """The KL-autoencoder loss with the official arguments, plus ``disc_ndf``, ``perceptual`` and
     ``perceptual_weights`` (the VGG16 / Fashion-MNIST network file).
 
@@ -69,15 +69,19 @@ class LPIPSWithDiscriminator(nn.Module):
         perceptual: str = "lpips",
         perceptual_weights: str | os.PathLike | None = None,
     ) -> None:
-        super().__init__()
-        if disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
-        if disc_start < 0:
-            raise ValueError(f"disc_start must be >= 0, got {disc_start}")
+        super().__init__(
+            disc_start=disc_start,
+            disc_num_layers=disc_num_layers,
+            disc_in_channels=disc_in_channels,
+            disc_factor=disc_factor,
+            disc_weight=disc_weight,
+            use_actnorm=use_actnorm,
+            disc_conditional=disc_conditional,
+            disc_ndf=disc_ndf,
+            disc_loss=disc_loss,
+        )
         for name, value in (
             ("kl_weight", kl_weight),
-            ("disc_factor", disc_factor),
-            ("disc_weight", disc_weight),
             ("perceptual_weight", perceptual_weight),
             ("pixelloss_weight", pixelloss_weight),
         ):
@@ -89,30 +93,8 @@ class LPIPSWithDiscriminator(nn.Module):
         self.perceptual_loss = build_perceptual(perceptual, perceptual_weights) if self.perceptual_weight > 0 else None
         # output log variance: a learnable scalar (put it in the autoencoder optimiser to learn it; see module doc)
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init)
-        self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
-        self.discriminator_iter_start = disc_start
-        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
-        self.disc_factor = disc_factor
-        self.discriminator_weight = disc_weight
-        self.disc_conditional = disc_conditional
 
     # ---------------------------------------------------------------------------------------------- pieces
-
-    def calculate_adaptive_weight(self, nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
-        """λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight (detached)."""
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
-
-    def _disc_input(self, x: Tensor, cond: Tensor | None) -> Tensor:
-        if (cond is not None) != self.disc_conditional:
-            raise ValueError(
-                f"discriminator is {'' if self.disc_conditional else 'un'}conditional, "
-                f"cond {'missing' if cond is None else 'given'}"
-            )
-        x = x.contiguous()
-        return x if cond is None else torch.cat((x, cond), dim=1)
 
     def nll_loss(
         self, inputs: Tensor, reconstructions: Tensor, weights: Tensor | None = None
@@ -159,19 +141,7 @@ class LPIPSWithDiscriminator(nn.Module):
         """
         nll, weighted_nll, rec, p_loss = self.nll_loss(inputs, reconstructions, weights)
         kl = self.kl_loss(posterior)
-        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
-        zero = torch.zeros((), device=inputs.device)
-        if disc_factor > 0 and self.discriminator_weight > 0:
-            logits_fake = self.discriminator(self._disc_input(reconstructions, cond))
-            g_loss = -torch.mean(logits_fake)
-            if torch.is_grad_enabled() and reconstructions.requires_grad:
-                if last_layer is None:
-                    raise ValueError("generator_loss needs last_layer=ae.get_last_layer() once the GAN term is on")
-                d_weight = self.calculate_adaptive_weight(nll, g_loss, last_layer)
-            else:  # validation: no graph to differentiate
-                d_weight = zero
-        else:  # before disc_start: the GAN term is multiplied by 0, skip the discriminator
-            g_loss = d_weight = zero
+        g_loss, d_weight, disc_factor = self.adversarial_term(nll, reconstructions, step, last_layer, cond)
         loss = weighted_nll + self.kl_weight * kl + d_weight * disc_factor * g_loss
         log = {
             f"{split}/total_loss": loss.detach(),
@@ -185,33 +155,6 @@ class LPIPSWithDiscriminator(nn.Module):
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, log
-
-    def _d_loss(
-        self, inputs: Tensor, reconstructions: Tensor, disc_factor: float, cond: Tensor | None, split: str
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        logits_real = self.discriminator(self._disc_input(inputs.detach(), cond))
-        logits_fake = self.discriminator(self._disc_input(reconstructions.detach(), cond))
-        d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
-        return d_loss, {
-            f"{split}/disc_loss": d_loss.detach(),
-            f"{split}/logits_real": logits_real.detach().mean(),
-            f"{split}/logits_fake": logits_fake.detach().mean(),
-        }
-
-    def discriminator_loss(
-        self,
-        inputs: Tensor,
-        reconstructions: Tensor,
-        step: int,
-        split: str = "train",
-        *,
-        cond: Tensor | None = None,
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """The D loss, or ``(None, {})`` before ``disc_start`` (the official code computes it and multiplies by 0)."""
-        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
-        if disc_factor == 0:
-            return None, {}
-        return self._d_loss(inputs, reconstructions, disc_factor, cond, split)
 
     def forward(
         self,

@@ -20,12 +20,11 @@ import copy
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict
+from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict, plain_config
 from taming.models.vqgan import GUMBEL_PRESETS, VQGAN_PRESETS, GumbelVQ, VQModel, build_vqmodel
 
 __all__ = [
@@ -43,21 +42,6 @@ NESTED_PREFIXES = ("first_stage_model.", "cond_stage_model.")
 # ------------------------------------------------------------------------------------------- official configs
 
 
-def _to_plain(cfg: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, (str, os.PathLike)):
-        path = Path(cfg)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if isinstance(cfg, Mapping):
-        return OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)
-    raise ValueError(f"config must be a path, a mapping or a DictConfig, got {type(cfg).__name__}")
-
-
 def vqgan_config_from_yaml(config: Any, *, stage: str = "first_stage_config") -> tuple[type[VQModel], dict[str, Any]]:
     """(model class, constructor kwargs) from an official config (``*-project.yaml`` path, dict or DictConfig).
 
@@ -66,7 +50,7 @@ def vqgan_config_from_yaml(config: Any, *, stage: str = "first_stage_config") ->
     (``first_stage_config`` or ``cond_stage_config``) is used. ``target`` ending in ``GumbelVQ`` selects
     :class:`GumbelVQ`; ``lossconfig``, ``ckpt_path``, ``image_key``, ``monitor`` and other training fields are dropped.
     """
-    cfg = _to_plain(config)
+    cfg = plain_config(config)
     node = cfg.get("model", cfg)
     params = node.get("params", node)
     if isinstance(params, Mapping) and "ddconfig" not in params and isinstance(params.get(stage), Mapping):
@@ -396,7 +380,7 @@ def load_net2net(
     from taming.lit import Net2NetTransformer
     from taming.models.mingpt import GPT
 
-    cfg = _to_plain(config)
+    cfg = plain_config(config)
     node = cfg.get("model", cfg)
     params = node.get("params", node)
     if not isinstance(params, Mapping) or "transformer_config" not in params:

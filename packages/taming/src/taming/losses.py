@@ -39,6 +39,7 @@ __all__ = [
     "ActNorm",
     "FMNISTPerceptual",
     "NLayerDiscriminator",
+    "PatchGANLoss",
     "VQLPIPSWithDiscriminator",
     "adopt_weight",
     "build_perceptual",
@@ -229,7 +230,93 @@ def build_perceptual(kind: str, weights: str | os.PathLike | None = None) -> nn.
 # -------------------------------------------------------------------------------------------------- the loss
 
 
-class VQLPIPSWithDiscriminator(nn.Module):
+class PatchGANLoss(nn.Module):
+    """The adversarial half shared by the VQGAN loss and LDM's autoencoder loss: a PatchGAN discriminator
+    (``discriminator.main.*``), its hinge / vanilla loss, the adaptive generator weight λ (Eq. 7) and ``disc_start``
+    (counted in training batches)."""
+
+    def __init__(
+        self,
+        *,
+        disc_start: int,
+        disc_num_layers: int = 3,
+        disc_in_channels: int = 3,
+        disc_factor: float = 1.0,
+        disc_weight: float = 1.0,
+        use_actnorm: bool = False,
+        disc_conditional: bool = False,
+        disc_ndf: int = 64,
+        disc_loss: str = "hinge",
+    ) -> None:
+        super().__init__()
+        if disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        if disc_start < 0:
+            raise ValueError(f"disc_start must be >= 0, got {disc_start}")
+        for name, value in (("disc_factor", disc_factor), ("disc_weight", disc_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
+        self.discriminator_iter_start = disc_start
+        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
+        self.disc_factor, self.discriminator_weight = disc_factor, disc_weight
+        self.disc_conditional = disc_conditional
+
+    def calculate_adaptive_weight(self, nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
+        """λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight (detached)."""
+        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
+
+    def _disc_input(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        if (cond is not None) != self.disc_conditional:
+            raise ValueError(
+                f"discriminator is {'' if self.disc_conditional else 'un'}conditional, "
+                f"cond {'missing' if cond is None else 'given'}"
+            )
+        x = x.contiguous()
+        return x if cond is None else torch.cat((x, cond), dim=1)
+
+    def adversarial_term(
+        self, nll: Tensor, recon: Tensor, step: int, last_layer: Tensor | None, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, float]:
+        """(g_loss, λ, disc_factor). Before ``disc_start`` the discriminator is not run (its term is multiplied by 0
+        officially); without a graph (validation) λ is 0; with one, ``last_layer`` is required."""
+        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
+        zero = torch.zeros((), device=recon.device)
+        if disc_factor == 0 or self.discriminator_weight == 0:
+            return zero, zero, disc_factor
+        g_loss = -self.discriminator(self._disc_input(recon, cond)).mean()
+        if not (torch.is_grad_enabled() and recon.requires_grad):
+            return g_loss, zero, disc_factor
+        if last_layer is None:
+            raise ValueError("the GAN term needs last_layer=model.get_last_layer() (the adaptive weight) once it is on")
+        return g_loss, self.calculate_adaptive_weight(nll, g_loss, last_layer), disc_factor
+
+    def _d_loss(
+        self, inputs: Tensor, recon: Tensor, disc_factor: float, cond: Tensor | None, split: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        logits_real = self.discriminator(self._disc_input(inputs.detach(), cond))
+        logits_fake = self.discriminator(self._disc_input(recon.detach(), cond))
+        d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
+        return d_loss, {
+            f"{split}/disc_loss": d_loss.detach(),
+            f"{split}/logits_real": logits_real.detach().mean(),
+            f"{split}/logits_fake": logits_fake.detach().mean(),
+        }
+
+    def discriminator_loss(
+        self, inputs: Tensor, recon: Tensor, step: int, split: str = "train", *, cond: Tensor | None = None
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The D loss, or ``(None, {})`` before ``disc_start`` (the official code computes it and multiplies by 0)."""
+        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
+        if disc_factor == 0:
+            return None, {}
+        return self._d_loss(inputs, recon, disc_factor, cond, split)
+
+
+class VQLPIPSWithDiscriminator(PatchGANLoss):
     """The VQGAN loss with the official arguments, plus ``perceptual`` / ``perceptual_weights`` / ``pixel_loss``.
 
     Use :meth:`generator_loss` and :meth:`discriminator_loss` from a manual-optimisation training step.
@@ -254,37 +341,23 @@ class VQLPIPSWithDiscriminator(nn.Module):
         perceptual_weights: str | None = None,
         pixel_loss: str = "l1",
     ) -> None:
-        super().__init__()
-        if disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        super().__init__(
+            disc_start=disc_start,
+            disc_num_layers=disc_num_layers,
+            disc_in_channels=disc_in_channels,
+            disc_factor=disc_factor,
+            disc_weight=disc_weight,
+            use_actnorm=use_actnorm,
+            disc_conditional=disc_conditional,
+            disc_ndf=disc_ndf,
+            disc_loss=disc_loss,
+        )
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
-        if disc_start < 0:
-            raise ValueError(f"disc_start must be >= 0, got {disc_start}")
         self.codebook_weight, self.pixel_weight = codebook_weight, pixelloss_weight
         self.perceptual_weight = perceptual_weight if perceptual != "none" else 0.0
         self.perceptual_loss = build_perceptual(perceptual, perceptual_weights) if self.perceptual_weight > 0 else None
-        self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
-        self.discriminator_iter_start = disc_start
-        self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
-        self.disc_factor, self.discriminator_weight = disc_factor, disc_weight
-        self.disc_conditional = disc_conditional
         self.pixel_loss = pixel_loss
-
-    def calculate_adaptive_weight(self, nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
-        """λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight (detached)."""
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
-
-    def _disc_input(self, x: Tensor, cond: Tensor | None) -> Tensor:
-        if (cond is not None) != self.disc_conditional:
-            raise ValueError(
-                f"discriminator is {'' if self.disc_conditional else 'un'}conditional, "
-                f"cond {'missing' if cond is None else 'given'}"
-            )
-        return x if cond is None else torch.cat((x, cond), dim=1)
 
     def reconstruction_loss(self, inputs: Tensor, recon: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(nll, per-pixel rec loss, perceptual loss)."""
@@ -308,16 +381,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
         split: str = "train",
     ) -> tuple[Tensor, dict[str, Tensor]]:
         nll, rec, p_loss = self.reconstruction_loss(inputs, recon)
-        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
-        if disc_factor > 0 and self.discriminator_weight > 0:
-            logits_fake = self.discriminator(self._disc_input(recon, cond))
-            g_loss = -logits_fake.mean()
-            if last_layer is not None and torch.is_grad_enabled():
-                d_weight = self.calculate_adaptive_weight(nll, g_loss, last_layer)
-            else:  # validation: no graph to differentiate
-                d_weight = torch.zeros((), device=inputs.device)
-        else:  # before disc_start: skip the discriminator forward (its term is multiplied by 0)
-            g_loss = d_weight = torch.zeros((), device=inputs.device)
+        g_loss, d_weight, disc_factor = self.adversarial_term(nll, recon, step, last_layer, cond)
         loss = nll + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
         log = {
             f"{split}/total_loss": loss.detach(),
@@ -330,22 +394,6 @@ class VQLPIPSWithDiscriminator(nn.Module):
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, log
-
-    def discriminator_loss(
-        self, inputs: Tensor, recon: Tensor, step: int, cond: Tensor | None = None, split: str = "train"
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """The D loss, or ``None`` before ``disc_start`` (the official code computes it and multiplies by 0)."""
-        disc_factor = adopt_weight(self.disc_factor, step, threshold=self.discriminator_iter_start)
-        if disc_factor == 0:
-            return None, {}
-        logits_real = self.discriminator(self._disc_input(inputs.detach(), cond))
-        logits_fake = self.discriminator(self._disc_input(recon.detach(), cond))
-        d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
-        return d_loss, {
-            f"{split}/disc_loss": d_loss.detach(),
-            f"{split}/logits_real": logits_real.detach().mean(),
-            f"{split}/logits_fake": logits_fake.detach().mean(),
-        }
 
     def forward(
         self,
@@ -362,6 +410,6 @@ class VQLPIPSWithDiscriminator(nn.Module):
         if optimizer_idx == 0:
             return self.generator_loss(codebook_loss, inputs, reconstructions, global_step, last_layer, cond, split)
         if optimizer_idx == 1:
-            loss, log = self.discriminator_loss(inputs, reconstructions, global_step, cond, split)
+            loss, log = self.discriminator_loss(inputs, reconstructions, global_step, split, cond=cond)
             return (loss if loss is not None else torch.zeros((), device=inputs.device)), log
         raise ValueError(f"optimizer_idx must be 0 or 1, got {optimizer_idx}")
