@@ -1,4 +1,5 @@
-"""Small nn.Module helpers shared by every package: frozen submodules and the parameters an optimizer gets.
+"""Small nn.Module helpers shared by every package: frozen submodules, the parameters an optimizer gets, and a
+fast nearest-neighbour ×2 upsampling.
 
 A frozen submodule (a VAE codec, a text encoder, a feature network) has ``requires_grad=False`` on every
 parameter, stays in eval mode whatever ``.train()`` says, and is marked ``_genlab_frozen`` so that
@@ -10,9 +11,11 @@ from __future__ import annotations
 import types
 from collections.abc import Iterator
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["FrozenModule", "freeze", "trainable_parameters"]
+__all__ = ["FrozenModule", "freeze", "trainable_parameters", "upsample_nearest_2x"]
 
 
 class FrozenModule(nn.Module):
@@ -48,3 +51,16 @@ def freeze(module: nn.Module) -> nn.Module:
 def trainable_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters that require grad: what an optimizer should get (frozen codecs and encoders excluded)."""
     return (p for p in module.parameters() if p.requires_grad)
+
+
+def upsample_nearest_2x(x: Tensor) -> Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")`` for (B, C, H, W), bit-identical and faster on CPU.
+
+    torch's CPU nearest kernel is ~7x slower on NCHW-contiguous input than on channels-last input (22 ms vs 1.4 ms
+    for (4, 128, 32, 32), one thread); an expand + reshape copy takes 3 ms. Channels-last input keeps the kernel."""
+    if x.ndim != 4:
+        raise ValueError(f"upsample_nearest_2x: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.is_cuda or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    b, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)  # (B, C, 2H, 2W)

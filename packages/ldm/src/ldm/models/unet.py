@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gencore.attention import attention
+from gencore.modules import upsample_nearest_2x
 
 __all__ = [
     "GEGLU",
@@ -183,7 +184,7 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
+        x = upsample_nearest_2x(x)  # (B, C, 2H, 2W), same values as F.interpolate(nearest), faster on CPU
         return self.conv(x) if self.use_conv else x
 
 
