@@ -89,6 +89,28 @@ def test_latent_class_model_trains_and_samples_with_guidance():
     assert set(logs) == {"inputs", "reconstructions", "samples"}
 
 
+def test_validation_loss_is_the_deterministic_conditional_loss():
+    """With p_uncond > 0 the validation step must not drop conditions (it crashed at the first epoch end before)."""
+    m = LatentDiffusion(unet(), codec(), cond_stage="class", num_classes=10, p_uncond=0.5, image_size=32).eval()
+    logged = {}
+    m.log = lambda name, value, **k: logged.__setitem__(name, float(value))
+    b = batch()
+    with torch.no_grad():
+        m.validation_step(b, 7)
+        first = logged["val/loss"]
+        m.validation_step(b, 7)
+        assert logged["val/loss"] == first  # same t / noise for the same batch index
+        z, cond = m.encode(b["image"]), m.conditions(b)
+        g = torch.Generator().manual_seed(7)
+        t = torch.randint(0, m.schedule.num_timesteps, (4,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        conditional, _ = m.loss_fn(m.denoise, z, cond, noise=noise, t=t, drop=False)
+        null, _ = m.loss_fn(m.denoise, z, m.unconditional(4), noise=noise, t=t, drop=False)
+    assert first == pytest.approx(float(conditional)) and float(null) != pytest.approx(first)
+    with pytest.raises(ValueError, match="uncond"):
+        m.loss_fn(m.denoise, z, cond)  # training-mode dropout without the null condition is still an error
+
+
 def test_pixel_space_and_unconditional_errors():
     m = LatentDiffusion(
         unet_from_preset(

@@ -393,7 +393,9 @@ class DiffusionLoss:
         noise: Tensor | None = None,
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        drop: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``drop=False`` skips the conditioning dropout (the conditional loss, e.g. for validation)."""
         b = x0.shape[0]  # x0: (B, C, H, W) latents (any (B, ...) works)
         if t is None:
             t = self.sample_t(b, x0.device, generator)
@@ -409,7 +411,7 @@ class DiffusionLoss:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         elif noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        if self._drop_active():
+        if drop and self._drop_active():
             if cond is None:
                 raise ValueError("p_uncond > 0 needs a condition to drop, got cond=None")
             cond = drop_condition(cond, uncond, self.p_uncond, b, generator=generator, device=x0.device)

@@ -352,7 +352,7 @@ class LatentDiffusion(L.LightningModule):
         z = self.encode(x)
         t = torch.randint(0, self.schedule.num_timesteps, (z.shape[0],), generator=g, device=self.device)
         noise = torch.randn(z.shape, generator=g, device=self.device)
-        loss, _ = self.loss_fn(self.denoise, z, self.conditions(batch), noise=noise, t=t)
+        loss, _ = self.loss_fn(self.denoise, z, self.conditions(batch), noise=noise, t=t, drop=False)  # conditional
         self.log("val/loss", loss, prog_bar=True, batch_size=z.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
