@@ -234,3 +234,19 @@ def test_export_validates_and_load_names_missing_files(tmp_path):
     d = io.export(nn.Linear(2, 2), {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, tmp_path / "y")
     with pytest.raises(io.CheckpointKeyError, match="shape mismatch"):
         io.load(d)  # config says 2->3, weights are 2->2
+
+
+def test_read_state_dict_from_a_path_or_a_mapping(tmp_path):
+    from gencore.io import read_state_dict, save_safetensors
+
+    weights = {"a.weight": torch.ones(2, 3)}
+    path = tmp_path / "w.safetensors"
+    save_safetensors(weights, path)
+    state, source = read_state_dict(path)
+    assert source == str(path) and torch.equal(state["a.weight"], weights["a.weight"])
+    state, source = read_state_dict({"state_dict": weights, "global_step": 3})
+    assert source == "state dict" and list(state) == ["a.weight"]
+    with pytest.raises(ValueError, match="path_or_state must be a path or a mapping"):
+        read_state_dict(42)
+    with pytest.raises(FileNotFoundError):
+        read_state_dict(tmp_path / "missing.ckpt")

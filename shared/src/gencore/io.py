@@ -48,6 +48,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict",
     "plain_config",
+    "read_state_dict",
     "save_safetensors",
 ]
 
@@ -323,6 +324,16 @@ def extract_state_dict(ckpt: Any, key: str | None = None) -> dict[str, Tensor]:
     if not state:
         raise CheckpointError(f"checkpoint holds no tensors; top-level keys: {sorted(map(str, ckpt))[:20]}")
     return state
+
+
+def read_state_dict(path_or_state: Any, *, map_location: Any = "cpu") -> tuple[dict[str, Tensor], str]:
+    """(tensor dict, source name) from a checkpoint path (read with :func:`load_checkpoint`) or an already loaded
+    checkpoint / state dict (a mapping); the source name ("state dict" or the path) is what errors quote."""
+    if isinstance(path_or_state, (str, os.PathLike)):
+        return extract_state_dict(load_checkpoint(path_or_state, map_location=map_location)), os.fspath(path_or_state)
+    if isinstance(path_or_state, Mapping):
+        return extract_state_dict(path_or_state), "state dict"
+    raise ValueError(f"path_or_state must be a path or a mapping, got {type(path_or_state).__name__}")
 
 
 # ------------------------------------------------------------------------------------------ state-dict loading

@@ -35,7 +35,14 @@ from typing import Any
 
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict, plain_config
+from gencore.io import (
+    CheckpointKeyError,
+    extract_state_dict,
+    load_checkpoint,
+    load_state_dict,
+    plain_config,
+    read_state_dict,
+)
 from ldm.models.unet import UNET_PRESETS, UNetModel, attention_heads
 
 __all__ = [
@@ -306,15 +313,7 @@ def load_unet(
         raise ValueError("load_unet needs preset= or config= (attention heads cannot be read off the weights)")
     model = UNetModel(**kwargs)
 
-    source = "state dict"
-    if isinstance(path_or_state, (str, os.PathLike)):
-        source = os.fspath(path_or_state)
-        ckpt = load_checkpoint(path_or_state, map_location=map_location)
-    elif isinstance(path_or_state, Mapping):
-        ckpt = path_or_state
-    else:
-        raise ValueError(f"path_or_state must be a path or a mapping, got {type(path_or_state).__name__}")
-    state = extract_state_dict(ckpt)
+    state, source = read_state_dict(path_or_state, map_location=map_location)
 
     if prefix is None or not any(k.startswith(prefix) for k in state):
         prefix = _detect_bare_unet(state, prefix, source)

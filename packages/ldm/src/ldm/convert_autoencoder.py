@@ -26,7 +26,12 @@ from typing import Any
 
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict, plain_config
+from gencore.io import (
+    CheckpointKeyError,
+    load_state_dict,
+    plain_config,
+    read_state_dict,
+)
 from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL, build_autoencoder
 from taming.convert import diffusers_vq_config, from_diffusers_vq, to_diffusers_vq
 
@@ -183,15 +188,7 @@ def load_autoencoder(
 
     ``loss.*`` keys (training-only) are ignored; VQ first stages (``quantize.*``) are refused.
     """
-    source = "state dict"
-    if isinstance(path_or_state, (str, os.PathLike)):
-        source = os.fspath(path_or_state)
-        ckpt = load_checkpoint(path_or_state, map_location=map_location)
-    elif isinstance(path_or_state, Mapping):
-        ckpt = path_or_state
-    else:
-        raise ValueError(f"path_or_state must be a path or a mapping, got {type(path_or_state).__name__}")
-    state = extract_state_dict(ckpt)
+    state, source = read_state_dict(path_or_state, map_location=map_location)
     prefix = _resolve_prefix(state, prefix, source)
     inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not inner:

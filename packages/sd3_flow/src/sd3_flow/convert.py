@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict
+from gencore.io import CheckpointKeyError, load_state_dict, read_state_dict
 from sd3_flow.models.mmdit import MMDIT_PRESETS, MMDiT, depth_config
 
 __all__ = [
@@ -401,15 +401,7 @@ def load_mmdit(
         strict: refuse missing / unexpected / mis-shaped keys with :class:`~gencore.io.CheckpointKeyError`, which
             names them in the checkpoint's own layout.
     """
-    source = "state dict"
-    if isinstance(path_or_state, (str, os.PathLike)):
-        source = os.fspath(path_or_state)
-        ckpt = load_checkpoint(path_or_state, map_location=map_location)
-    elif isinstance(path_or_state, Mapping):
-        ckpt = path_or_state
-    else:
-        raise ValueError(f"path_or_state must be a path or a mapping, got {type(path_or_state).__name__}")
-    state = extract_state_dict(ckpt)
+    state, source = read_state_dict(path_or_state, map_location=map_location)
     layout, prefix = detect_layout(state, prefix)
     state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     ours = from_original(state) if layout == "original" else dict(state)

@@ -24,7 +24,14 @@ from typing import Any
 
 from torch import Tensor
 
-from gencore.io import CheckpointKeyError, extract_state_dict, load_checkpoint, load_state_dict, plain_config
+from gencore.io import (
+    CheckpointKeyError,
+    extract_state_dict,
+    load_checkpoint,
+    load_state_dict,
+    plain_config,
+    read_state_dict,
+)
 from taming.models.vqgan import GUMBEL_PRESETS, VQGAN_PRESETS, GumbelVQ, VQModel, build_vqmodel
 
 __all__ = [
@@ -167,15 +174,7 @@ def load_vqgan(
     """
     stage = "cond_stage_config" if prefix == "cond_stage_model." else "first_stage_config"
     config_cls_kwargs = vqgan_config_from_yaml(config, stage=stage) if config is not None else None
-    source = "state dict"
-    if isinstance(path_or_state, (str, os.PathLike)):
-        source = os.fspath(path_or_state)
-        ckpt = load_checkpoint(path_or_state, map_location=map_location)
-    elif isinstance(path_or_state, Mapping):
-        ckpt = path_or_state
-    else:
-        raise ValueError(f"path_or_state must be a path or a mapping, got {type(path_or_state).__name__}")
-    state = extract_state_dict(ckpt)
+    state, source = read_state_dict(path_or_state, map_location=map_location)
     prefix = _resolve_prefix(state, prefix)
     inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not inner:
