@@ -59,3 +59,29 @@ def test_feature_cache_returns_the_same_features_without_recomputing(monkeypatch
     assert calls == [] and torch.equal(b["tokens"][0], a["tokens"][1])
     enc(["x", "y"])  # evicts the oldest entries beyond cache_size
     assert calls == [["x", "y"]] and len(enc._cache) == 3
+
+
+def test_precomputed_features_round_trip(tmp_path, minilm):
+    from gencore.text import PrecomputedTextEncoder, save_text_features, text_encoder
+
+    prompts = ["", "a photo of a sneaker", "a photo of a bag"]
+    path = save_text_features(minilm, [*prompts, "a photo of a bag"], tmp_path / "f.safetensors")  # duplicates dropped
+    pre = text_encoder(path, max_length=16, normalize_pooled=True)
+    assert isinstance(pre, PrecomputedTextEncoder) and pre.prompts == prompts
+    assert pre.hidden_size == minilm.hidden_size and pre.pooled_size == minilm.pooled_size
+    asked = ["a photo of a bag", "", "a photo of a bag"]
+    ref, got = minilm(asked), pre(asked)
+    for k in ("tokens", "mask", "pooled"):
+        assert torch.equal(got[k], ref[k]), k
+    assert not list(pre.state_dict()) and not list(pre.parameters())  # stays out of checkpoints
+    with pytest.raises(ValueError, match="'a photo of a dress' was not precomputed"):
+        pre(["a photo of a dress"])
+    with pytest.raises(ValueError, match="max_length=77 asked, file has 16"):
+        PrecomputedTextEncoder(path, max_length=77)
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        PrecomputedTextEncoder(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a save_text_features file"):
+        text_encoder(tmp_path / "other.safetensors")

@@ -57,6 +57,15 @@ def test_offline_default_and_real_clip_folders(tmp_path):
     out = mini(["a photo of a sneaker"])
     assert mini.names == ("minilm",) and out["context"].shape == (1, 16, 384) and out["pooled"].shape == (1, 384)
     assert mini.joint_attention_dim == 384 and mini.pooled_dim == 384
+    from gencore.text import save_text_features
+
+    captions = ["", "a photo of a sneaker", "a photo of a bag"]
+    feats = save_text_features(mini.encoders["minilm"], captions, tmp_path / "minilm16.safetensors")
+    pre = SD3TextConditioner(minilm=str(feats))  # the same features without the encoder's weights
+    ref, got = mini(captions[::-1]), pre(captions[::-1])
+    assert torch.equal(ref["context"], got["context"]) and torch.equal(ref["pooled"], got["pooled"])
+    with pytest.raises(ValueError, match="max_length=8 asked, file has 16"):
+        SD3TextConditioner(minilm=str(feats), minilm_max_length=8)
     clip_dir = tiny_clip(tmp_path / "clip", hidden_size=32, projection_dim=16)
     both = SD3TextConditioner(clip_l=clip_dir, clip_g=clip_dir, joint_attention_dim=128)
     out = both(["a bag", "a coat"])

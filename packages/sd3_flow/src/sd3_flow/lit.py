@@ -37,6 +37,11 @@ class RectifiedFlowModule(L.LightningModule):
             ``"eps/linear"``; ``objective_kwargs`` go to it (e.g. ``shift``, ``weighting``).
         p_drop_text: per-encoder dropout probability (a float for all, or ``{name: p}``).
         sample: defaults for ``generate`` / image logging: sampler (euler | heun | ddim), steps, shift, guidance_scale.
+        latent_scale / latent_shift: the model works on ``(first_stage.encode(x) - latent_shift) * latent_scale``.
+            1 / 0 (the default) when the codec is already normalised (the SD3 VAE codec applies its config's 1.5305 /
+            0.0609); ``None`` estimates them from the first training batch (shift = latent mean, scale = 1 / std of
+            the shifted latents, averaged over processes), the scale-and-shift SD3 does with fixed numbers, for an
+            autoencoder you trained. They are buffers: saved with the checkpoint, used again for sampling.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class RectifiedFlowModule(L.LightningModule):
         image_key: str = "image",
         caption_key: str = "caption",
         sample: Mapping[str, Any] | None = None,
+        latent_scale: float | None = 1.0,
+        latent_shift: float | None = 0.0,
     ) -> None:
         super().__init__()
         from gencore.latents import IdentityCodec
@@ -76,6 +83,11 @@ class RectifiedFlowModule(L.LightningModule):
             image_size // codec.downsample_factor,
             image_size // codec.downsample_factor,
         )
+        if latent_scale is not None and not latent_scale > 0:
+            raise ValueError(f"latent_scale must be > 0 (or None to estimate it), got {latent_scale}")
+        nan = float("nan")
+        self.register_buffer("latent_scale", torch.tensor(nan if latent_scale is None else float(latent_scale)))
+        self.register_buffer("latent_shift", torch.tensor(nan if latent_shift is None else float(latent_shift)))
         self.text = text if isinstance(text, nn.Module) else SD3TextConditioner(**dict(text or {}))
         joint = getattr(transformer, "joint_attention_dim", None)
         if joint is not None and joint != self.text.joint_attention_dim:
@@ -111,14 +123,46 @@ class RectifiedFlowModule(L.LightningModule):
         """The network output (velocity for rf, eps for eps/linear); ``timestep`` in [0, 1000]."""
         return self.transformer(x, context, pooled, timestep)
 
+    # -------------------------------------------------------------------------------------------- latents
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Pixels -> the model's latents (the codec's, then shifted and scaled)."""
+        z = self.first_stage_model.encode(x)
+        if torch.isnan(self.latent_shift) or torch.isnan(self.latent_scale):
+            if not self.training:
+                raise RuntimeError(
+                    "latent_scale / latent_shift are not set: they are estimated at the first training batch "
+                    "(train, load a trained checkpoint, or pass them)"
+                )
+            self._estimate_latent_stats(z)
+        return (z - self.latent_shift) * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        if torch.isnan(self.latent_shift) or torch.isnan(self.latent_scale):
+            raise RuntimeError("latent_scale / latent_shift are not set (train first or load a trained checkpoint)")
+        return self.first_stage_model.decode(z / self.latent_scale + self.latent_shift)
+
+    def _estimate_latent_stats(self, z: Tensor) -> None:
+        z = z.detach().float()
+        shift = z.mean() if torch.isnan(self.latent_shift) else self.latent_shift.float()
+        stats = torch.stack([shift, (z - shift).pow(2).mean()])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stats = self.all_gather(stats).reshape(-1, 2).mean(0)
+        if torch.isnan(self.latent_shift):
+            self.latent_shift.fill_(stats[0].item())
+        if torch.isnan(self.latent_scale):
+            self.latent_scale.fill_(1.0 / stats[1].sqrt().clamp_min(1e-8).item())
+        log.info("latents: shift %.5f, scale %.5f", float(self.latent_shift), float(self.latent_scale))
+
     # -------------------------------------------------------------------------------------------- training
 
     def _step(self, batch: dict[str, Any], split: str) -> Tensor:
         x = batch[self.image_key]
         if self.caption_key not in batch:
             raise ValueError(f"a text-conditional model needs batch[{self.caption_key!r}]")
-        with torch.no_grad():
-            z = self.first_stage_model.encode(x)
+        z = self.encode(x)
         keep = self.text.random_keep(z.shape[0], self.p_drop_text, device="cpu") if split == "train" else None
         cond = self.conditions(batch[self.caption_key], keep)
         loss, logs = self.objective(self.velocity, z, cond)
@@ -191,7 +235,7 @@ class RectifiedFlowModule(L.LightningModule):
             raise ValueError(f"generate: {n} samples need {n} captions, got {len(captions)}")
         opts = {**self.sample_kwargs, **kwargs}
         z = self.sample_latents(self.conditions(captions), **opts)
-        out.update(images=self.first_stage_model.decode(z).clamp(-1, 1), captions=captions)
+        out.update(images=self.decode(z).clamp(-1, 1), captions=captions)
         return out
 
     @torch.no_grad()
@@ -201,6 +245,6 @@ class RectifiedFlowModule(L.LightningModule):
         opts = {**self.sample_kwargs, "steps": min(int(self.sample_kwargs.get("steps", 28)), 28)}
         return {
             "inputs": x,
-            "reconstructions": self.first_stage_model.decode(self.first_stage_model.encode(x)),
+            "reconstructions": self.decode(self.encode(x)),
             "samples": self.generate(len(captions), captions=captions, **opts)["images"],
         }
