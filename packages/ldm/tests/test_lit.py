@@ -170,7 +170,7 @@ def test_concat_conditioning_inputs_and_superres_model():
 
 
 @pytest.mark.slow
-def test_text_conditioning_with_the_offline_encoder():
+def test_text_conditioning_with_the_offline_encoder(tmp_path):
     m = LatentDiffusion(
         unet(context_dim=384),
         codec(),
@@ -188,6 +188,14 @@ def test_text_conditioning_with_the_offline_encoder():
     assert out["images"].shape == (2, 3, 32, 32) and out["captions"][0] == "a photo of a sneaker"
     with pytest.raises(ValueError, match="does not match the UNet's context_dim 16"):
         LatentDiffusion(unet(), codec(), cond_stage="text")
+    from gencore.text import save_text_features
+
+    feats = save_text_features(m.cond_stage_model, ["", "a photo of a bag"], tmp_path / "text.safetensors")
+    pre = LatentDiffusion(
+        unet(context_dim=384), codec(), cond_stage="text", text_encoder={"path": str(feats)}, image_size=32
+    )
+    assert torch.equal(pre.conditions(b)["c_crossattn"], m.conditions(b)["c_crossattn"])  # captions: "a photo of a bag"
+    assert torch.equal(pre.unconditional(1)["c_crossattn"], m.unconditional(1)["c_crossattn"])
 
 
 def test_bad_configurations():

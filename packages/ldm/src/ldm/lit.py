@@ -130,7 +130,8 @@ class LatentDiffusion(L.LightningModule):
             ``gencore.latents.DiffusersVAECodec``); ``None`` = pixel space (``IdentityCodec(image_channels)``).
         cond_stage: ``None``, ``"class"`` (a trainable :class:`ClassEmbedder`, with a null class for guidance unless
             ``null_class=False`` as in the original cIN LDM), ``"text"`` (a
-            frozen ``gencore.text.FrozenTextEncoder``; ``text_encoder`` = its keyword arguments), or a module.
+            frozen ``gencore.text.FrozenTextEncoder``; ``text_encoder`` = its keyword arguments; a ``path`` to a
+            ``.safetensors`` file of ``gencore.text.save_text_features`` serves precomputed features), or a module.
         conditioning_key: how conditions enter the UNet (``crossattn``, ``concat``, ``hybrid``, ``adm``); default:
             ``crossattn`` for class / text, ``concat`` for concat-only models, ``hybrid`` for both.
         concat: ``"lowres"`` (super-resolution by ``sr_factor``), ``"inpaint"`` (masked latent + mask) or
@@ -207,10 +208,10 @@ class LatentDiffusion(L.LightningModule):
                     raise ValueError("class conditioning through cross-attention needs a UNet with context_dim")
                 self.cond_stage_model = ClassEmbedder(context_dim, num_classes, null_class=null_class)
         elif cond_stage == "text":
-            from gencore.text import FrozenTextEncoder
+            from gencore.text import text_encoder as build_text_encoder
 
             key_default = "crossattn"
-            self.cond_stage_model = FrozenTextEncoder(**(text_encoder or {}))
+            self.cond_stage_model = build_text_encoder(**(text_encoder or {}))
             if context_dim is not None and self.cond_stage_model.hidden_size != context_dim:
                 raise ValueError(
                     f"text encoder width {self.cond_stage_model.hidden_size} does not match the UNet's "
