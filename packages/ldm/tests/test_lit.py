@@ -126,6 +126,7 @@ def test_pixel_space_and_unconditional_errors():
         image_channels=1,
         image_size=16,
         sample={"steps": 4},
+        schedule={"timesteps": 50},  # ddpm below runs every step
     )
     assert m.latent_shape == (1, 16, 16)
     out = m.generate(2)

@@ -403,6 +403,8 @@ class LatentDiffusion(L.LightningModule):
             return ddim_sample(denoise, x_T, self.schedule, steps, eta=eta, **kw)
         if sampler == "plms":
             return plms_sample(denoise, x_T, self.schedule, steps, **kw)
+        if steps != self.schedule.num_timesteps:
+            log.info("ddpm runs all %d steps (steps=%d is for ddim / plms)", self.schedule.num_timesteps, steps)
         return ddpm_sample(denoise, x_T, self.schedule, **kw)
 
     @torch.no_grad()
