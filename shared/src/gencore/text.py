@@ -231,8 +231,10 @@ def _settings(encoder: Any) -> dict[str, Any]:
 class PrecomputedTextEncoder(FrozenModule):
     """The features written by :func:`save_text_features`, served like :class:`FrozenTextEncoder`'s ``forward``.
 
-    The keyword arguments are the ones the encoder would have been built with; each one given must match the file's
-    (a file made with ``max_length=16`` cannot stand in for a 77-token encoder). A prompt that is not in the file is a
+    The keyword arguments are the ones the encoder would have been built with: ``max_length``, ``pooling``,
+    ``normalize_pooled`` and ``hidden_layer``, when given, must match the file's (a file made with ``max_length=16``
+    cannot stand in for a 77-token encoder); ``projection`` and ``cache_size`` are accepted and have no effect (the
+    pooled width is the file's, and consumers check it). A prompt that is not in the file is a
     ValueError naming it. The features are non-persistent buffers: they follow ``.to(device)`` and stay out of
     checkpoints, like a frozen encoder's weights.
     """
