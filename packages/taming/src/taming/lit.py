@@ -106,13 +106,14 @@ class VQGANModule(L.LightningModule):
             used = self._usage > 0
             p = self._usage.double() / self._usage.sum()
             perplexity = torch.exp(-(p[used] * p[used].log()).sum())
-            self.log_dict(
-                {
-                    "train/perplexity": perplexity.float(),
-                    "train/codebook_used": used.double().mean().float(),
-                    "train/dead_codes": (~used).sum().float(),
-                }
-            )
+            logs = {
+                "train/perplexity": perplexity.float(),
+                "train/codebook_used": used.double().mean().float(),
+                "train/dead_codes": (~used).sum().float(),
+            }
+            if getattr(self.model.quantize, "restart_unused_after", 0):
+                logs["train/codes_restarted"] = torch.tensor(float(self.model.quantize.restarts))
+            self.log_dict(logs)
             self._usage.zero_()
             self._usage_batches = 0
 

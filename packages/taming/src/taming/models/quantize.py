@@ -201,6 +201,13 @@ class VectorQuantizer(_Remap):
 
     Loss with ``legacy=True`` (official default): ``mean((sg[z_q] − z)²) + β·mean((z_q − sg[z])²)``, i.e. β on the
     codebook term; ``legacy=False`` gives the paper's form ``mean((z_q − sg[z])²) + β·mean((sg[z_q] − z)²)``.
+
+    ``restart_unused_after=N`` (not in the official code; 0 = off, the default) fights codebook collapse, the usual
+    complaint with VQGAN (a few percent of the codes in use): in training, a code that no input in N consecutive
+    forward passes picked is moved onto a random encoder output of the current batch (the dead-code restart of
+    Jukebox / SoundStream). Under DDP the usage counts are summed over processes and the new codes come from rank 0,
+    so every replica keeps the same codebook. The counters are not saved (a resumed run waits N passes again), so
+    the state dict is the official one either way. ``restarts`` counts the codes moved so far.
     """
 
     def __init__(
@@ -212,17 +219,23 @@ class VectorQuantizer(_Remap):
         unknown_index: str | int = "random",
         sane_index_shape: bool = False,
         legacy: bool = True,
+        restart_unused_after: int = 0,
     ) -> None:
         super().__init__()
         if n_e < 1 or e_dim < 1:
             raise ValueError(f"n_e and e_dim must be >= 1, got n_e={n_e}, e_dim={e_dim}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if restart_unused_after < 0:
+            raise ValueError(f"restart_unused_after must be >= 0 (0 = off), got {restart_unused_after}")
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, float(beta), legacy
         self.embedding = nn.Embedding(n_e, e_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_e, 1.0 / n_e)
         self._init_remap(remap, unknown_index, n_e)
         self.sane_index_shape = sane_index_shape
+        self.restart_unused_after = int(restart_unused_after)
+        self.restarts = 0
+        self.register_buffer("unused_for", torch.zeros(n_e, dtype=torch.long), persistent=False)
 
     @property
     def codebook_size(self) -> int:
@@ -249,6 +262,8 @@ class VectorQuantizer(_Remap):
         z_q = z + (z_q - z).detach()  # straight-through estimator
         z_q = rearrange(z_q, "b h w c -> b c h w").contiguous()  # (B, C, H, W)
         perplexity = perplexity_of(idx, self.n_e)
+        if self.training and self.restart_unused_after:
+            self.restart_dead_codes(z.reshape(-1, self.e_dim), idx)
 
         if self.remap is not None:
             idx = self.remap_to_used(idx)
@@ -258,6 +273,27 @@ class VectorQuantizer(_Remap):
 
     def codebook(self) -> nn.Embedding:
         return self.embedding
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z_flat: Tensor, idx: Tensor) -> int:
+        """Count this pass's picks ``idx`` (N,) and move the codes unused for ``restart_unused_after`` passes onto
+        random rows of ``z_flat`` (N, e_dim); returns how many moved."""
+        counts = torch.bincount(idx, minlength=self.n_e)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            torch.distributed.all_reduce(counts)
+        self.unused_for.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.unused_for >= self.restart_unused_after).nonzero().squeeze(1)
+        if not dead.numel():
+            return 0
+        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
+        new = z_flat.detach()[pick].to(self.embedding.weight.dtype).contiguous()
+        if distributed:
+            torch.distributed.broadcast(new, src=0)
+        self.embedding.weight.data[dead] = new
+        self.unused_for[dead] = 0
+        self.restarts += int(dead.numel())
+        return int(dead.numel())
 
 
 # ------------------------------------------------------------------------------------------- Gumbel softmax

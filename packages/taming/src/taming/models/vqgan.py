@@ -382,7 +382,8 @@ class VQModel(nn.Module):
     Args:
         ddconfig: Encoder / Decoder arguments (official ``ddconfig``; ``double_z`` must be False, the default here).
         n_embed: codebook size; embed_dim: code dimension.
-        remap, unknown_index, sane_index_shape, beta, legacy: passed to :class:`VectorQuantizer`.
+        remap, unknown_index, sane_index_shape, beta, legacy, restart_unused_after: passed to
+            :class:`VectorQuantizer` (``restart_unused_after`` > 0 restarts dead codes; off in the official model).
 
     ``encode`` returns ``(quant, emb_loss, (perplexity, None, indices))`` like the official model (indices flat unless
     ``sane_index_shape``); ``encode_to_indices`` always gives (B, h, w).
@@ -399,6 +400,7 @@ class VQModel(nn.Module):
         beta: float = 0.25,
         legacy: bool = True,
         unknown_index: str | int = "random",
+        restart_unused_after: int = 0,
     ) -> None:
         super().__init__()
         dd = _vq_ddconfig(ddconfig)
@@ -410,6 +412,7 @@ class VQModel(nn.Module):
             unknown_index=unknown_index,
             sane_index_shape=sane_index_shape,
             legacy=legacy,
+            restart_unused_after=restart_unused_after,
         )
         self._build(dd, embed_dim, quantize)
 
