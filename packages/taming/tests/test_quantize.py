@@ -314,3 +314,37 @@ def test_dead_code_restart_uses_more_of_the_codebook_on_real_patches():
     used_restart, mse_restart = fit(10)
     assert used_plain < 0.5 and used_restart > 0.9
     assert mse_restart < 0.9 * mse_plain
+
+
+def _restart_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        q = VectorQuantizer(16, 4, restart_unused_after=1)  # same init on both ranks
+        torch.manual_seed(100 + rank)  # but each rank sees its own batch and draws its own picks
+        with torch.no_grad():
+            q.embedding.weight[:2] = torch.tensor([[1.0] * 4, [-1.0] * 4])
+            q.embedding.weight[2:] = 50.0  # codes 2..15 unused everywhere -> restarted
+        sign = 1.0 if rank == 0 else -1.0  # code 0 is picked on rank 0 only, code 1 on rank 1 only -> both kept
+        q(sign + torch.randn(2, 4, 2, 2) * 0.01)
+        torch.save({"weight": q.embedding.weight.detach().clone(), "restarts": q.restarts}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dead_code_restart_keeps_ddp_replicas_identical(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_restart_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["weight"], r1["weight"])  # the same codebook on every replica
+    assert r0["restarts"] == r1["restarts"] == 14  # usage summed over ranks: codes 0 and 1 stay
+    assert torch.equal(r0["weight"][:2], torch.tensor([[1.0] * 4, [-1.0] * 4]))
+    assert torch.all((r0["weight"][2:] - 1.0).abs() < 0.1)  # moved onto rank 0's encoder outputs (near +1)
