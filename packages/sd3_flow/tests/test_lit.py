@@ -132,5 +132,10 @@ def test_latent_scale_and_shift_estimated_once_and_saved(text):
     fresh.load_state_dict(state)
     fresh.eval()
     assert torch.equal(fresh.encode(x), m.encode(x))
+    fixed = model(text)  # 1 / 0 given: known without looking; a loaded state dict is looked at again
+    fixed.load_state_dict(model(text, latent_scale=None, latent_shift=None).state_dict())
+    fixed.eval()
+    with pytest.raises(RuntimeError, match="latent_scale / latent_shift are not set"):
+        fixed.encode(x)
     with pytest.raises(ValueError, match="latent_scale must be > 0"):
         model(text, latent_scale=0.0)

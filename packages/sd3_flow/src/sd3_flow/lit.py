@@ -88,6 +88,10 @@ class RectifiedFlowModule(L.LightningModule):
         nan = float("nan")
         self.register_buffer("latent_scale", torch.tensor(nan if latent_scale is None else float(latent_scale)))
         self.register_buffer("latent_shift", torch.tensor(nan if latent_shift is None else float(latent_shift)))
+        # known once the buffers hold numbers: checked on the host at most until then (not a device sync per step);
+        # loading a state dict makes it look again
+        self._latent_stats_known = latent_scale is not None and latent_shift is not None
+        self.register_load_state_dict_post_hook(self._forget_latent_stats)
         self.text = text if isinstance(text, nn.Module) else SD3TextConditioner(**dict(text or {}))
         joint = getattr(transformer, "joint_attention_dim", None)
         if joint is not None and joint != self.text.joint_attention_dim:
@@ -125,11 +129,19 @@ class RectifiedFlowModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- latents
 
+    def _forget_latent_stats(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self._latent_stats_known = False
+
+    def _latent_stats_set(self) -> bool:
+        if not self._latent_stats_known:
+            self._latent_stats_known = not bool(torch.isnan(self.latent_shift) | torch.isnan(self.latent_scale))
+        return self._latent_stats_known
+
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Pixels -> the model's latents (the codec's, then shifted and scaled)."""
         z = self.first_stage_model.encode(x)
-        if torch.isnan(self.latent_shift) or torch.isnan(self.latent_scale):
+        if not self._latent_stats_set():
             if not self.training:
                 raise RuntimeError(
                     "latent_scale / latent_shift are not set: they are estimated at the first training batch "
@@ -140,7 +152,7 @@ class RectifiedFlowModule(L.LightningModule):
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        if torch.isnan(self.latent_shift) or torch.isnan(self.latent_scale):
+        if not self._latent_stats_set():
             raise RuntimeError("latent_scale / latent_shift are not set (train first or load a trained checkpoint)")
         return self.first_stage_model.decode(z / self.latent_scale + self.latent_shift)
 
@@ -154,6 +166,7 @@ class RectifiedFlowModule(L.LightningModule):
             self.latent_shift.fill_(stats[0].item())
         if torch.isnan(self.latent_scale):
             self.latent_scale.fill_(1.0 / stats[1].sqrt().clamp_min(1e-8).item())
+        self._latent_stats_known = True
         log.info("latents: shift %.5f, scale %.5f", float(self.latent_shift), float(self.latent_scale))
 
     # -------------------------------------------------------------------------------------------- training
