@@ -46,20 +46,20 @@ def test_ldm_autoencoder_and_class_model(tmp_path):
     close(m.scale_factor, ref["scale_factor"])
     for sampler in ("ddim", "plms"):
         torch.manual_seed(0)
-        out = m.generate(4, labels=[0, 1, 2, 3], sampler=sampler, steps=5, guidance_scale=2.0)["images"]
+        out = m.generate(4, labels=[0, 1, 2, 3], sampler=sampler, num_steps=5, guidance_scale=2.0)["images"]
         close(out, ref[f"{sampler}_images"])
     torch.manual_seed(0)
-    close(m.generate(2, labels=[4, 5], steps=5, eta=1.0)["images"], ref["ddim_eta1_images"])
+    close(m.generate(2, labels=[4, 5], num_steps=5, eta=1.0)["images"], ref["ddim_eta1_images"])
 
 
 def test_ldm_text_and_inpainting(tmp_path):
     m, ref = load("ldm_text", tmp_path)
     torch.manual_seed(0)
-    out = m.generate(2, captions=["a photo of a bag", "a photo of a sneaker"], steps=5, guidance_scale=2.0)
+    out = m.generate(2, captions=["a photo of a bag", "a photo of a sneaker"], num_steps=5, guidance_scale=2.0)
     close(out["images"], ref["images"])
     m, ref = load("ldm_inpaint", tmp_path)
     torch.manual_seed(0)
-    close(m.inpaint(ref["inputs"], ref["masks"], steps=5), ref["images"])
+    close(m.inpaint(ref["inputs"], ref["masks"], num_steps=5), ref["images"])
 
 
 @pytest.mark.parametrize(("name", "samplers"), [("sd3_rf", ("euler", "heun")), ("sd3_eps", ("ddim",))])
@@ -69,5 +69,5 @@ def test_sd3_flow(tmp_path, name, samplers):
     close(m.latent_shift, ref["latent_shift"])
     for sampler in samplers:
         torch.manual_seed(0)
-        out = m.generate(4, labels=[0, 1, 2, 3], sampler=sampler, steps=5, guidance_scale=2.0)["images"]
+        out = m.generate(4, labels=[0, 1, 2, 3], sampler=sampler, num_steps=5, guidance_scale=2.0)["images"]
         close(out, ref[f"{sampler}_images"])

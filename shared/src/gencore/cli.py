@@ -27,19 +27,23 @@ __all__ = ["CORE_CONFIGS", "compose", "hydra_app"]
 CORE_CONFIGS = Path(__file__).parent / "configs"
 
 
-def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """A console-script entry point: ``task(cfg)`` under ``@hydra.main`` with configs from ``config_dir``."""
+def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """A console-script entry point: ``task(cfg)`` under ``@hydra.main`` with configs from ``config_dir``. It returns
+    the task's value (``gencore.run.sweep_value``: the ``optimized_metric`` when the config names one), which is what
+    a Hydra sweeper optimises in ``--multirun``."""
     import hydra
 
     config_dir = Path(config_dir).resolve()
     if not (config_dir / f"{config_name}.yaml").is_file():
         raise ValueError(f"hydra_app: {config_dir / config_name}.yaml does not exist")
 
-    def main() -> None:
-        def _task(cfg: DictConfig) -> None:
-            task(cfg)
+    def main() -> Any:
+        def _task(cfg: DictConfig) -> Any:
+            from gencore.run import sweep_value
 
-        hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(_task)()
+            return sweep_value(cfg, task(cfg))
+
+        return hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(_task)()
 
     return main
 

@@ -40,6 +40,7 @@ __all__ = [
     "MissingWeightsError",
     "OpaqueObject",
     "UnsafeCheckpointError",
+    "accept_legacy_keys",
     "atomic_path",
     "export",
     "extract_state_dict",
@@ -49,6 +50,7 @@ __all__ = [
     "load_state_dict",
     "plain_config",
     "read_state_dict",
+    "rename_legacy_keys",
     "save_safetensors",
 ]
 
@@ -344,6 +346,38 @@ def frozen_prefixes(module: nn.Module) -> list[str]:
     return [f"{name}." for name, m in module.named_modules() if name and getattr(m, "_genlab_frozen", False)]
 
 
+def rename_legacy_keys(renames: Mapping[str, str], state: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """``state`` with keys that an older genlab version (or an official checkpoint) stored elsewhere moved to where the
+    module keeps them now. ``renames`` maps an old key, or an old prefix ending in ``"."``, to the new one; only keys
+    under ``prefix`` are looked at, and a key whose new name is already present stays as it is."""
+    out = dict(state)
+    for key in list(state):
+        if not key.startswith(prefix):
+            continue
+        rel = key[len(prefix) :]
+        for old, new in renames.items():
+            if rel == old or (old.endswith(".") and rel.startswith(old)):
+                target = prefix + new + rel[len(old) :]
+                if target not in out:
+                    out[target] = out.pop(key)
+                break
+    return out
+
+
+def accept_legacy_keys(module: nn.Module, renames: Mapping[str, str]) -> None:
+    """Let ``module`` load state dicts that keep some of its entries under older names (``renames``: old key or
+    ``"prefix."`` -> new), through ``module.load_state_dict`` (Lightning's resume) and :func:`load_state_dict` alike."""
+    renames = dict(renames)
+    module._genlab_legacy_keys = renames  # type: ignore[attr-defined]
+
+    def hook(mod: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        upgraded = rename_legacy_keys(renames, state_dict, prefix)
+        state_dict.clear()
+        state_dict.update(upgraded)
+
+    module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
 def _preview(keys: list[str], n: int = 8) -> str:
     head = ", ".join(keys[:n])
     return f"{head}, ... (+{len(keys) - n} more)" if len(keys) > n else head
@@ -385,6 +419,7 @@ def load_state_dict(
         selected[key] = value
     if prefix and not selected:
         raise CheckpointKeyError(f"{source}: no keys start with prefix {prefix!r}", [], [], [])
+    selected = rename_legacy_keys(getattr(module, "_genlab_legacy_keys", {}), selected)
     own = module.state_dict()
     missing = [k for k in own if k not in selected and not (allow and k.startswith(allow))]
     unexpected = [k for k in selected if k not in own]

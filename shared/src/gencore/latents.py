@@ -44,6 +44,7 @@ __all__ = [
     "IdentityCodec",
     "LatentCacheDataset",
     "LatentCodec",
+    "LatentNormalizer",
     "build_latent_cache",
     "diffusers_vae",
     "estimate_scale",
@@ -284,6 +285,80 @@ def estimate_scale(codec: FrozenCodec, images: Tensor | Iterable[Tensor], *, set
     if set_scale:
         codec.scale = 1.0 / std
     return 1.0 / std
+
+
+# ------------------------------------------------------------------------------------------- latent normaliser
+
+
+class LatentNormalizer(nn.Module):
+    """The model-side scale and shift of the latents: ``normalize(z) = (z - shift) * scale``, ``denormalize`` back.
+
+    A first stage's published constants (SD 0.18215; SD3 1.5305 / 0.0609) belong to its codec; this module holds the
+    numbers that belong to the *generative model*: fixed ones, or ones estimated from the first training batch, as
+    LDM's ``scale_by_std`` (scale = 1 / std of the latents) and the shift-and-scale SD3 applies, for an autoencoder you
+    trained yourself. ``scale=None`` / ``shift=None`` estimate that number at the first :meth:`normalize` call in
+    training mode (shift = the latents' mean; scale = 1 / their standard deviation, as LDM), averaged over every
+    process of a ``torch.distributed`` run, so all replicas agree. Both are float32 buffers: saved in checkpoints,
+    exported with the weights, restored by ``load_state_dict`` (an estimated run that resumes keeps its numbers).
+
+    Readiness is a host flag (no device sync per call): set once the buffers hold numbers, looked at again (one
+    check) after a state dict is loaded. Normalising in eval mode before the numbers exist is a RuntimeError.
+    """
+
+    def __init__(self, scale: float | None = 1.0, shift: float | None = 0.0) -> None:
+        super().__init__()
+        if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise ValueError(f"latent scale must be a finite number > 0 (or None to estimate it), got {scale!r}")
+        if shift is not None and not math.isfinite(float(shift)):
+            raise ValueError(f"latent shift must be a finite number (or None to estimate it), got {shift!r}")
+        nan = float("nan")
+        self.register_buffer("scale", torch.tensor(nan if scale is None else float(scale)))
+        self.register_buffer("shift", torch.tensor(nan if shift is None else float(shift)))
+        self._ready = scale is not None and shift is not None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ready", False))
+
+    @property
+    def ready(self) -> bool:
+        """Whether both numbers are known (one host check, only until they are)."""
+        if not self._ready:
+            self._ready = not bool(torch.isnan(self.scale) | torch.isnan(self.shift))
+        return self._ready
+
+    @torch.no_grad()
+    def estimate(self, z: Tensor) -> None:
+        """Fill the unknown buffers from latents ``z`` (B, ...) (mean and variance over every element and process)."""
+        import torch.distributed as dist
+
+        z = z.detach().float()
+        stats = torch.stack([z.sum(), z.square().sum(), z.new_tensor(float(z.numel()))])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        mean = stats[0] / stats[2]
+        var = (stats[1] / stats[2] - mean.square()).clamp_min(0.0)
+        self.shift.copy_(torch.where(torch.isnan(self.shift), mean, self.shift))
+        self.scale.copy_(torch.where(torch.isnan(self.scale), var.sqrt().clamp_min(1e-8).reciprocal(), self.scale))
+        self._ready = True
+        log.info("latent normaliser estimated from a batch of %d", z.shape[0])
+
+    def normalize(self, z: Tensor) -> Tensor:
+        if not self.ready:
+            if not self.training:
+                raise RuntimeError(
+                    "the latent scale / shift are not set: they are estimated at the first training batch (train, load "
+                    "a trained checkpoint, or give them)"
+                )
+            self.estimate(z)
+        return (z - self.shift.to(z.dtype)) * self.scale.to(z.dtype)
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        if not self.ready:
+            raise RuntimeError("the latent scale / shift are not set (train first, or load a trained checkpoint)")
+        return z / self.scale.to(z.dtype) + self.shift.to(z.dtype)
+
+    forward = normalize
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.item():.6g}, shift={self.shift.item():.6g}"
 
 
 # ----------------------------------------------------------------------------------------------- latent cache

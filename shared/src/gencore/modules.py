@@ -1,5 +1,5 @@
-"""Small nn.Module helpers shared by every package: frozen submodules, the parameters an optimizer gets, and a
-fast nearest-neighbour ×2 upsampling.
+"""Small nn.Module helpers shared by every package: frozen submodules, the parameters an optimizer gets, a fast
+nearest-neighbour ×2 upsampling, and input checks that never wait on an accelerator.
 
 A frozen submodule (a VAE codec, a text encoder, a feature network) has ``requires_grad=False`` on every
 parameter, stays in eval mode whatever ``.train()`` says, and is marked ``_genlab_frozen`` so that
@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrozenModule", "freeze", "trainable_parameters", "upsample_nearest_2x"]
+__all__ = [
+    "FrozenModule",
+    "check_index_range",
+    "freeze",
+    "on_accelerator",
+    "trainable_parameters",
+    "upsample_nearest_2x",
+]
 
 
 class FrozenModule(nn.Module):
@@ -64,3 +71,28 @@ def upsample_nearest_2x(x: Tensor) -> Tensor:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     b, c, h, w = x.shape
     return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)  # (B, C, 2H, 2W)
+
+
+# gencore.testing.no_host_sync sets this on CPU so that device-aware checks take their accelerator path
+_SIMULATE_ACCELERATOR = False
+
+
+def on_accelerator(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host would wait for a device (any non-CPU tensor)."""
+    return t.device.type != "cpu" or _SIMULATE_ACCELERATOR
+
+
+def check_index_range(idx: Tensor, high: int, what: str) -> None:
+    """Every entry of the integer tensor ``idx`` lies in [0, ``high``).
+
+    On the CPU a ValueError names the first offending value; on an accelerator the check is an asynchronous device
+    assertion (``torch._assert_async``: no host sync; a failure surfaces at the next synchronisation), so that it can
+    stay in a training step."""
+    if idx.numel() == 0:
+        return
+    if on_accelerator(idx):
+        torch._assert_async(((idx >= 0) & (idx < high)).all(), f"{what}: an index is outside [0, {high})")
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= high:
+        raise ValueError(f"{what}: index {lo if lo < 0 else hi} is outside [0, {high})")

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,17 @@ __all__ = [
     "evaluate",
     "find_resume_checkpoint",
     "generate",
+    "generate_sharded",
+    "load_for_sampling",
     "load_module",
     "pick_device",
+    "process_state",
     "sample",
+    "sample_request",
+    "sweep_value",
     "train",
+    "write_metrics",
+    "write_samples",
 ]
 
 CKPT_DIR = "checkpoints"
@@ -90,6 +97,7 @@ class TrainResult:
     run_dir: Path
     checkpoint_dir: Path
     export_dir: Path | None
+    metrics: dict[str, float]  # the trainer's last logged / callback metrics, as floats
 
 
 def _cfg(cfg: Any) -> DictConfig:
@@ -210,6 +218,13 @@ EXPECTED_LIGHTNING_WARNINGS = (
 )
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a distributed run (from the launcher's environment, before any Trainer exists), or a lone process."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def train(cfg: Any) -> TrainResult:
     """Instantiate datamodule, module, callbacks, loggers and Trainer from ``cfg``; fit (resuming if asked); export."""
     cfg = _cfg(cfg)
@@ -218,8 +233,9 @@ def train(cfg: Any) -> TrainResult:
     run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     ckpt_dir = run_dir / CKPT_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if _is_main_process():  # in DDP each process runs this; one writes
+        with io.atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     resume_from = find_resume_checkpoint(cfg.get("resume"), run_dir)
 
     datamodule = _instantiate(cfg.datamodule)
@@ -228,13 +244,13 @@ def train(cfg: Any) -> TrainResult:
         raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
     callbacks = _build_callbacks(cfg, ckpt_dir)
     trainer = build_trainer(cfg, run_dir, callbacks, _build_loggers(cfg))
-    if resume_from is not None:
+    if resume_from is not None and trainer.is_global_zero:
         log.info("resuming from %s", resume_from)
     with warnings.catch_warnings():
         for message in EXPECTED_LIGHTNING_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    if trainer.interrupted:
+    if trainer.interrupted and trainer.is_global_zero:
         log.warning("training was interrupted at step %d; see %s", trainer.global_step, ckpt_dir)
     trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)
 
@@ -250,7 +266,8 @@ def train(cfg: Any) -> TrainResult:
             state_dict=state,
             metadata={"global_step": str(trainer.global_step), "ema": str(state is not None)},
         )
-    return TrainResult(module, trainer, run_dir, ckpt_dir, export_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    return TrainResult(module, trainer, run_dir, ckpt_dir, export_dir, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -293,103 +310,216 @@ def load_module(
 PER_SAMPLE_KWARGS = ("labels", "captions", "prompts")
 
 
+def _split_per_sample(kwargs: dict[str, Any], num_samples: int) -> tuple[dict[str, list], dict[str, Any]]:
+    """(per-sample lists cycled to ``num_samples``, the other keyword arguments)."""
+    rest = dict(kwargs)
+    per_sample = {}
+    for key in PER_SAMPLE_KWARGS:
+        if rest.get(key) is not None:
+            values = list(rest.pop(key))
+            if not values:
+                raise ValueError(f"generate: {key} is empty")
+            per_sample[key] = [values[i % len(values)] for i in range(num_samples)]
+        else:
+            rest.pop(key, None)
+    return per_sample, rest
+
+
+def _generate_batch(
+    module: nn.Module, start: int, n: int, seed: int, per_sample: dict[str, list], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Samples [start, start + n), seeded by their position (the same images whichever process makes them)."""
+    torch.manual_seed(seed + start)
+    out = module.generate(n, **kwargs, **{k: v[start : start + n] for k, v in per_sample.items()})
+    if isinstance(out, Tensor):
+        out = {"images": out}
+    result: dict[str, Any] = {"images": out["images"].detach().float().cpu()[:n]}
+    if out.get("labels") is not None:
+        result["labels"] = torch.as_tensor(out["labels"]).cpu()[:n]
+    if out.get("captions") is not None:
+        result["captions"] = list(out["captions"])[:n]
+    return result
+
+
+def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {"images": torch.cat([b["images"] for b in batches])}
+    if all("labels" in b for b in batches):
+        result["labels"] = torch.cat([b["labels"] for b in batches])
+    if all("captions" in b for b in batches):
+        result["captions"] = [c for b in batches for c in b["captions"]]
+    return result
+
+
+def _check_generate_args(module: nn.Module, num_samples: int, batch_size: int) -> None:
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"generate: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    if not hasattr(module, "generate"):
+        raise ValueError(f"{type(module).__name__} has no generate(n, **kwargs) method")
+
+
 @torch.no_grad()
 def generate(
     module: nn.Module, num_samples: int, *, batch_size: int = 16, seed: int = 0, **kwargs: Any
 ) -> dict[str, Any]:
-    """Call ``module.generate(n, **kwargs)`` batch by batch (seeded per batch); concatenate the results.
+    """Call ``module.generate(n, **kwargs)`` batch by batch (batch at sample index i seeded with ``seed + i``) and
+    concatenate the results, in one process (:func:`generate_sharded` splits the batches over processes).
 
     ``generate`` returns a (n, C, H, W) / (n, C, T, H, W) tensor in [-1, 1], or a dict with ``images`` and optional
     ``labels`` / ``captions``. Per-sample keyword arguments (``labels``, ``captions``, ``prompts``) are cycled to
     ``num_samples`` and sliced per batch, so ``labels=[0, 1, ..., 9]`` asks for every class in turn.
     """
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"generate: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
-    if not hasattr(module, "generate"):
-        raise ValueError(f"{type(module).__name__} has no generate(n, **kwargs) method")
-    per_sample = {}
-    for key in PER_SAMPLE_KWARGS:
-        if kwargs.get(key) is not None:
-            values = list(kwargs.pop(key))
-            if not values:
-                raise ValueError(f"generate: {key} is empty")
-            per_sample[key] = [values[i % len(values)] for i in range(num_samples)]
-    images: list[Tensor] = []
-    labels: list[Tensor] = []
-    captions: list[str] = []
-    done = 0
-    for i in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - i)
-        torch.manual_seed(seed + i)
-        out = module.generate(n, **kwargs, **{k: v[i : i + n] for k, v in per_sample.items()})
-        if isinstance(out, Tensor):
-            out = {"images": out}
-        images.append(out["images"].detach().float().cpu())
-        if out.get("labels") is not None:
-            labels.append(torch.as_tensor(out["labels"]).cpu())
-        if out.get("captions") is not None:
-            captions.extend(out["captions"])
-        done += n
-    result: dict[str, Any] = {"images": torch.cat(images)[:num_samples]}
-    if labels:
-        result["labels"] = torch.cat(labels)[:num_samples]
-    if captions:
-        result["captions"] = captions[:num_samples]
-    return result
+    _check_generate_args(module, num_samples, batch_size)
+    per_sample, rest = _split_per_sample(kwargs, num_samples)
+    starts = range(0, num_samples, batch_size)
+    return _concat(
+        [_generate_batch(module, i, min(batch_size, num_samples - i), seed, per_sample, rest) for i in starts]
+    )
 
 
-def sample(cfg: Any) -> Path:
-    """Generate ``num_samples`` with a trained module; write ``grid.png`` and ``samples.npz`` to ``out_dir``.
+def process_state(device: str | torch.device | None = "auto") -> Any:
+    """accelerate's ``PartialState`` for this process: one process, or one of a ``torchrun`` / ``accelerate launch``
+    group (gloo on CPUs, NCCL on GPUs); ``.device`` is this process's device (its own GPU in a group)."""
+    from accelerate import PartialState
 
-    Config: ``checkpoint`` (export folder, run folder or .ckpt), optional ``module`` (for a bare .ckpt), ``out_dir``,
-    ``num_samples``, ``batch_size``, ``seed``, ``device`` (auto), ``grid_size`` (images in the grid), ``sample``
-    (keyword arguments for ``module.generate``).
+    wanted = None if device in (None, "auto") else torch.device(device)
+    cpu = not torch.cuda.is_available() if wanted is None else wanted.type == "cpu"
+    return PartialState(cpu=cpu)
+
+
+@torch.no_grad()
+def generate_sharded(
+    module: nn.Module, num_samples: int, *, batch_size: int = 16, seed: int = 0, **kwargs: Any
+) -> dict[str, Any] | None:
+    """:func:`generate` with its batches split over the processes of a distributed launch (contiguous runs of
+    batches per process, accelerate's ``split_between_processes``), gathered on the main process: the same samples as
+    one process makes, each once. Returns the result on the main process and ``None`` on the others."""
+    import torch.distributed as dist
+
+    _check_generate_args(module, num_samples, batch_size)
+    state = process_state(next(iter(module.parameters()), torch.empty(0)).device)
+    per_sample, rest = _split_per_sample(kwargs, num_samples)
+    starts = list(range(0, num_samples, batch_size))
+    with state.split_between_processes(starts) as mine:
+        made = [(i, _generate_batch(module, i, min(batch_size, num_samples - i), seed, per_sample, rest)) for i in mine]
+    if state.num_processes == 1:
+        return _concat([b for _, b in made])
+    gathered: list[Any] | None = [None] * state.num_processes if state.is_main_process else None
+    dist.gather_object(made, gathered, dst=0)
+    if not state.is_main_process:
+        return None
+    batches = sorted((item for part in gathered for item in part), key=lambda item: item[0])
+    if [i for i, _ in batches] != starts:
+        raise RuntimeError(f"generate_sharded: gathered batches {[i for i, _ in batches]} != {starts}")
+    return _concat([b for _, b in batches])
+
+
+def write_samples(out: Mapping[str, Any], out_dir: str | os.PathLike, *, grid_size: int = 64, nrow: int | None = None):
+    """``grid.png`` (the first ``grid_size`` images) and ``samples.npz`` (uint8 images, labels, captions)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(out["images"][:grid_size], out_dir / "grid.png", nrow=nrow)
+    arrays: dict[str, np.ndarray] = {"images": to_uint8(out["images"]).numpy()}
+    if "labels" in out:
+        arrays["labels"] = np.asarray(out["labels"])
+    if "captions" in out:
+        arrays["captions"] = np.asarray(out["captions"])
+    with io.atomic_path(out_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return out_dir
+
+
+def load_for_sampling(cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The trained module of ``cfg.checkpoint`` (export, run folder or .ckpt; optional ``cfg.module``) on ``device``."""
+    return load_module(cfg.checkpoint, cfg.get("module"), use_ema=cfg.get("use_ema", True)).to(device).eval()
+
+
+def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, Any]]:
+    """(``cfg.num_samples``, keyword arguments for ``module.generate`` from ``cfg.sample``; ``None`` values dropped:
+    "the model's default")."""
+    kwargs = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
+    assert isinstance(kwargs, dict)
+    return int(cfg.get("num_samples", 64)), {k: v for k, v in kwargs.items() if v is not None}
+
+
+def sample(
+    cfg: Any,
+    *,
+    load: Callable[[DictConfig, torch.device], nn.Module] = load_for_sampling,
+    request: Callable[[DictConfig, nn.Module], tuple[int, dict[str, Any]]] = sample_request,
+    write: Callable[[dict[str, Any], Path, DictConfig], None] | None = None,
+) -> Path:
+    """The ``<name>-sample`` task: generate with a trained module; write ``grid.png`` and ``samples.npz`` to
+    ``out_dir``. Under ``torchrun`` / ``accelerate launch`` every process samples its share (:func:`generate_sharded`)
+    and the main process writes.
+
+    Config: ``checkpoint``, ``out_dir``, ``num_samples``, ``batch_size``, ``seed``, ``device`` (auto), ``grid_size``,
+    ``nrow``, ``sample`` (keyword arguments for ``module.generate``). A package extends it with ``load`` (how to
+    build its model, e.g. from an official checkpoint), ``request`` (how its config becomes ``num_samples`` and the
+    ``generate`` arguments, e.g. from a prompt file) and ``write`` (extra files next to the grid).
     """
     cfg = _cfg(cfg)
     _require(cfg, "checkpoint", "out_dir", where="gencore.run.sample")
-    device = pick_device(cfg.get("device", "auto"))
-    module = load_module(cfg.checkpoint, cfg.get("module"), use_ema=cfg.get("use_ema", True)).to(device)
-    kwargs = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
-    assert isinstance(kwargs, dict)
-    out = generate(
-        module,
-        int(cfg.get("num_samples", 64)),
-        batch_size=int(cfg.get("batch_size", 16)),
-        seed=int(cfg.get("seed", 0)),
-        **kwargs,
+    state = process_state(cfg.get("device", "auto"))
+    module = load(cfg, state.device if cfg.get("device", "auto") in (None, "auto") else pick_device(cfg.device))
+    num_samples, kwargs = request(cfg, module)
+    out = generate_sharded(
+        module, num_samples, batch_size=int(cfg.get("batch_size", 16)), seed=int(cfg.get("seed", 0)), **kwargs
     )
     out_dir = Path(str(cfg.out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grid_n = int(cfg.get("grid_size", 64))
-    save_grid(out["images"][:grid_n], out_dir / "grid.png", nrow=cfg.get("nrow"))
-    arrays: dict[str, np.ndarray] = {"images": to_uint8(out["images"]).numpy()}
-    if "labels" in out:
-        arrays["labels"] = out["labels"].numpy()
-    if "captions" in out:
-        arrays["captions"] = np.asarray(out["captions"])
-    with io.atomic_path(out_dir / "samples.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-    log.info("wrote %d samples to %s", len(out["images"]), out_dir)
+    if out is not None:
+        write_samples(out, out_dir, grid_size=int(cfg.get("grid_size", 64)), nrow=cfg.get("nrow"))
+        if write is not None:
+            write(out, out_dir, cfg)
+        log.info("wrote %d samples to %s", len(out["images"]), out_dir)
     return out_dir
+
+
+def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
+    """``metrics.json`` in ``out_dir``, written atomically; logged."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    log.info("metrics: %s", dict(metrics))
+    return out / "metrics.json"
 
 
 def evaluate(cfg: Any) -> dict[str, float]:
     """Metrics of generated samples: ``samples`` (a samples.npz; produced by :func:`sample` first when absent) scored
-    by ``evaluator`` (a partial over ``(images, labels) -> dict``; default: the Fashion-MNIST report)."""
+    by ``evaluator`` (a partial over ``(images, labels) -> dict``; default: the Fashion-MNIST report). In a
+    distributed launch every process samples and the main process scores (the others return ``{}``)."""
     from gencore.metrics import fmnist_report
 
     cfg = _cfg(cfg)
     path = cfg.get("samples")
     if path is None:
         path = sample(cfg) / "samples.npz"
+        if not process_state(cfg.get("device", "auto")).is_main_process:
+            return {}
     data = np.load(str(path), allow_pickle=False)
     images = torch.from_numpy(data["images"]).float().div(127.5).sub(1.0)
     labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
     evaluator = _instantiate(cfg.evaluator) if cfg.get("evaluator") is not None else fmnist_report
     metrics = {k: float(v) for k, v in evaluator(images, labels).items()}
-    out = Path(str(cfg.get("out_dir") or Path(str(path)).parent)) / "metrics.json"
-    with io.atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2))
-    log.info("metrics: %s", metrics)
+    write_metrics(metrics, cfg.get("out_dir") or Path(str(path)).parent)
     return metrics
+
+
+def sweep_value(cfg: Any, result: Any) -> Any:
+    """What a Hydra entry point returns: the number named by ``cfg.optimized_metric`` (a logged metric of a training
+    run, or a dotted key of an evaluation's metrics, e.g. ``steps_25.fid``) when set, so that a sweeper (Optuna,
+    Nevergrad) can optimise it; otherwise the task's own return value."""
+    name = cfg.get("optimized_metric") if isinstance(cfg, Mapping | DictConfig) else None
+    if not name:
+        return result
+    metrics = result.metrics if isinstance(result, TrainResult) else result
+    value: Any = metrics
+    if isinstance(metrics, Mapping) and name in metrics:
+        value = metrics[name]
+    else:
+        for part in str(name).split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                known = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
+                raise ValueError(f"optimized_metric={name!r} is not among the task's metrics ({known})")
+            value = value[part]
+    return float(value)

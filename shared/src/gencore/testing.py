@@ -7,13 +7,18 @@
 - :func:`logged_values` — one metric's values from a run folder's CSV logs (all versions, i.e. across resumes);
 - :func:`mean_image_psnr` — the trivial reconstruction baseline on Fashion-MNIST (the training set's mean image);
 - :class:`TinyAutoencoderModule` — a small real LightningModule (conv autoencoder with a frozen codec) for run-plumbing
-  tests: it trains, logs images, and generates.
+  tests: it trains, logs images, and generates;
+- :func:`no_host_sync` / :func:`assert_no_host_sync` — a training step that waits on the device fails: on a GPU by
+  ``torch.cuda.set_sync_debug_mode("error")``, on the CPU by refusing, in genlab code, the calls that would wait
+  (``.item()``, ``.tolist()``, ``bool`` / ``int`` / ``float`` of a tensor, ``nonzero``, ``bincount``, boolean masks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +32,15 @@ from gencore.modules import trainable_parameters
 
 __all__ = [
     "FailAtStep",
+    "HostSyncError",
     "TinyAutoencoderModule",
     "assert_deterministic",
     "assert_grads_reach_all_parameters",
+    "assert_no_host_sync",
     "assert_state_dict_roundtrip",
     "logged_values",
     "mean_image_psnr",
+    "no_host_sync",
     "randomize_parameters",
 ]
 
@@ -219,3 +227,128 @@ def tiny_clip(folder: str | Path, *, hidden_size: int = 32, projection_dim: int 
     image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------- host syncs
+
+
+class HostSyncError(RuntimeError):
+    """Code in a training step read a tensor's values on the host (on a GPU: waited for the device)."""
+
+
+# Where waiting is not ours to fix (the optimizer reads its CPU step counter; Lightning's loop). Everything else --
+# genlab, and third-party model code it calls -- is checked.
+_LIBRARY_PARTS = ("/torch/", "/lightning/", "/lightning_fabric/", "/lightning_utilities/", "/torchmetrics/")
+_SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "nonzero", "bincount", "unique", "masked_select", "__bool__")
+_SYNC_METHODS += ("__int__", "__float__", "__index__", "__format__")
+
+
+def _guarded(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def method(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1)
+        if not any(part in caller.f_code.co_filename for part in _LIBRARY_PARTS):
+            where = f"{caller.f_code.co_filename}:{caller.f_lineno} ({caller.f_code.co_name})"
+            raise HostSyncError(f"Tensor.{name} in a training step would wait for the device, at {where}")
+        return original(self, *args, **kwargs)
+
+    return method
+
+
+def _guarded_getitem(original: Callable[..., Any]) -> Callable[..., Any]:
+    def getitem(self: Tensor, index: Any) -> Any:
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, Tensor) and p.dtype == torch.bool for p in parts):
+            caller = sys._getframe(1)
+            if not any(part in caller.f_code.co_filename for part in _LIBRARY_PARTS):
+                where = f"{caller.f_code.co_filename}:{caller.f_lineno} ({caller.f_code.co_name})"
+                raise HostSyncError(f"boolean-mask indexing in a training step would wait for the device, at {where}")
+        return original(self, index)
+
+    return getitem
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Inside the block, a host sync is an error: on CUDA through ``torch.cuda.set_sync_debug_mode("error")``; on the
+    CPU (where nothing waits) by refusing the Python-level calls that would wait on an accelerator when they come
+    from code outside torch / Lightning, with device-aware checks (:func:`gencore.modules.check_index_range`) taking
+    their accelerator path."""
+    import gencore.modules as modules
+
+    if torch.device(device).type == "cuda":
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        return
+    saved = {name: getattr(Tensor, name) for name in (*_SYNC_METHODS, "__getitem__")}
+    saved_functions = {name: getattr(torch, name) for name in ("nonzero", "bincount", "unique", "masked_select")}
+    try:
+        for name in _SYNC_METHODS:
+            setattr(Tensor, name, _guarded(name, saved[name]))
+        Tensor.__getitem__ = _guarded_getitem(saved["__getitem__"])  # type: ignore[method-assign]
+        for name, fn in saved_functions.items():
+            setattr(torch, name, _guarded(name, fn))
+        modules._SIMULATE_ACCELERATOR = True
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(Tensor, name, fn)
+        for name, fn in saved_functions.items():
+            setattr(torch, name, fn)
+        modules._SIMULATE_ACCELERATOR = False
+
+
+class _GuardSteps(L.Callback):
+    """Turns :func:`no_host_sync` on from ``on_train_batch_start`` to ``on_train_batch_end`` after ``warmup`` batches
+    (forward, backward and optimizer steps of every guarded batch)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.guarded, self._ctx = warmup, 0, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx >= self.warmup:
+            self._ctx = no_host_sync(pl_module.device)
+            self._ctx.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
+            self.guarded += 1
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_batch_end(trainer, pl_module)
+
+
+def assert_no_host_sync(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+) -> None:
+    """Train ``module`` for ``warmup + steps`` batches and fail (:class:`HostSyncError`, or CUDA's sync-debug error)
+    if any of the last ``steps`` batches syncs with the host. ``warmup`` batches fill one-time state first (latent
+    statistics, caches)."""
+    guard = _GuardSteps(warmup)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=(warmup + steps) * (1 if module.automatic_optimization else 2),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    if guard.guarded < steps:
+        raise AssertionError(f"only {guard.guarded} of {steps} training batches ran under the host-sync guard")

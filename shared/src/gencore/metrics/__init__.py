@@ -11,6 +11,7 @@ from gencore.metrics.generative import (
     kid_fmnist,
     precision_recall,
     precision_recall_fmnist,
+    psnr,
 )
 from gencore.metrics.pretrained import CLIPScorer, MissingWeightsError, clip_score, inception_fid, lpips_metric
 
@@ -31,4 +32,5 @@ __all__ = [
     "lpips_metric",
     "precision_recall",
     "precision_recall_fmnist",
+    "psnr",
 ]

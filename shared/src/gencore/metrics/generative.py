@@ -29,9 +29,18 @@ __all__ = [
     "kid_fmnist",
     "precision_recall",
     "precision_recall_fmnist",
+    "psnr",
 ]
 
 REPORT_METRICS = ("fid", "kid", "precision", "recall", "class_accuracy")
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image PSNR in dB (B,) of images in [-1, 1] (data range 2)."""
+    if x.shape != y.shape:
+        raise ValueError(f"psnr: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = (x.float() - y.float()).square().flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
 
 
 def _check_images(images: Tensor, name: str = "images") -> None:

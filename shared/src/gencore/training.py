@@ -1,0 +1,157 @@
+"""Training pieces that several recipes share: the learning-rate rule of the CompVis code bases, and the two-optimizer
+GAN step (generator, then discriminator, every batch) with its adaptive weight and late discriminator start.
+
+:class:`GANModule` is the base of every adversarial recipe: taming's VQGAN, ldm's KL autoencoder (PatchGAN on
+reconstructions, Esser et al. 2021 Eq. 7), and next ladd_turbo (a discriminator on a frozen teacher's features) and
+twostream_inpaint. A recipe says what one generator step and one discriminator step compute; the base runs them with
+manual optimization, in that order, with one optimizer each:
+
+    loss_g, logs, state = generator_step(batch, step)     -> zero_grad, backward, step of the generator optimizer
+    loss_d, logs = discriminator_step(batch, state, step)  -> zero_grad, backward (if not None), step of the other
+
+``step`` counts training batches (:attr:`GANModule.batch_step`); Lightning's ``global_step`` counts optimizer steps,
+two per batch. The discriminator optimizer steps every batch, also before the discriminator starts (an update with no
+gradients changes nothing), so that the step count stays two per batch from the first batch on.
+
+Loss pieces: :func:`adopt_weight` (a weight that switches on at a step), :func:`hinge_d_loss` and
+:func:`vanilla_d_loss` (the non-saturating / softplus form), :func:`adaptive_weight` (lambda of Eq. 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "GANModule",
+    "adaptive_weight",
+    "adopt_weight",
+    "hinge_d_loss",
+    "scaled_learning_rate",
+    "vanilla_d_loss",
+]
+
+
+def scaled_learning_rate(module: L.LightningModule, lr: float, scale: bool) -> float:
+    """The CompVis rule (taming / latent-diffusion ``main.py``): lr = base_lr x batch size x devices x accumulation
+    when ``scale``, else ``lr``. The batch size is the datamodule's ``batch_size`` (1 without a datamodule)."""
+    if not scale:
+        return lr
+    trainer = module.trainer
+    bs = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule is not None else 1
+    return lr * bs * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.0) -> float:
+    """``value`` before ``threshold`` steps, ``weight`` from then on (the official ``adopt_weight``)."""
+    return value if step < threshold else weight
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """1/2 (mean relu(1 - D(real)) + mean relu(1 + D(fake)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """1/2 (mean softplus(-D(real)) + mean softplus(D(fake))): the non-saturating GAN loss of the discriminator."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def adaptive_weight(
+    rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, *, max_weight: float = 1e4, eps: float = 1e-4
+) -> Tensor:
+    """lambda = ||grad_L rec_loss|| / (||grad_L g_loss|| + eps), clamped to [0, max_weight], detached (Esser et al.
+    2021, Eq. 7; L = the generator's last layer). Both graphs are kept for the backward pass that follows."""
+    rec_grads = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return torch.clamp(torch.norm(rec_grads) / (torch.norm(g_grads) + eps), 0.0, max_weight).detach()
+
+
+class GANModule(L.LightningModule):
+    """Base of the two-optimizer adversarial recipes (manual optimization, Adam for both players by default).
+
+    Subclasses implement :meth:`generator_step`, :meth:`discriminator_step`, :meth:`generator_parameters` and
+    :meth:`discriminator_parameters`; they may override :meth:`on_gan_step_end` (e.g. codebook statistics) and
+    :meth:`make_optimizer`. ``learning_rate`` / ``scale_lr`` follow :func:`scaled_learning_rate`; ``betas`` are
+    Adam's (taming / LDM use (0.5, 0.9)).
+    """
+
+    #: the key the generator loss is logged under on the progress bar
+    generator_loss_name = "train/g_total"
+
+    def __init__(
+        self, *, learning_rate: float, scale_lr: bool = False, betas: tuple[float, float] = (0.5, 0.9)
+    ) -> None:
+        super().__init__()
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.learning_rate, self.scale_lr, self.betas = learning_rate, scale_lr, tuple(betas)
+        self.automatic_optimization = False
+
+    @property
+    def batch_step(self) -> int:
+        """Training batches seen (Lightning's ``global_step`` counts two optimizer steps per batch)."""
+        return self.global_step // 2
+
+    # --- what a recipe provides -----------------------------------------------------------------------------------
+    def generator_step(self, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """(generator loss, logs, state handed to :meth:`discriminator_step`, e.g. the fake images)."""
+        raise NotImplementedError
+
+    def discriminator_step(self, batch: Any, state: Any, step: int) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """(discriminator loss, or None while the discriminator is off; logs)."""
+        raise NotImplementedError
+
+    def generator_parameters(self) -> Iterable[nn.Parameter]:
+        raise NotImplementedError
+
+    def discriminator_parameters(self) -> Iterable[nn.Parameter]:
+        raise NotImplementedError
+
+    def on_gan_step_end(self, batch: Any, state: Any) -> None:
+        """Called after both updates of a batch."""
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=lr, betas=self.betas)
+
+    # --- the step -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        step = self.batch_step
+        loss_g, logs_g, state = self.generator_step(batch, step)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        loss_d, logs_d = self.discriminator_step(batch, state, step)
+        opt_d.zero_grad(set_to_none=True)
+        if loss_d is not None:
+            self.manual_backward(loss_d)
+        opt_d.step()  # a no-op without gradients (before the discriminator starts): keeps two steps per batch
+        size = _batch_size(batch)
+        self.log(self.generator_loss_name, loss_g.detach(), prog_bar=True, batch_size=size)
+        self.log_dict({**logs_g, **logs_d}, batch_size=size)
+        self.on_gan_step_end(batch, state)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
+        gen = [p for p in self.generator_parameters() if p.requires_grad]
+        disc = [p for p in self.discriminator_parameters() if p.requires_grad]
+        if not gen or not disc:
+            raise ValueError(
+                f"{type(self).__name__}: the generator has {len(gen)} and the discriminator {len(disc)} trainable "
+                "parameter tensors; a GAN recipe needs both"
+            )
+        return [self.make_optimizer(gen, lr), self.make_optimizer(disc, lr)]
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, Tensor) and v.dim() > 0:
+                return v.shape[0]
+    return batch.shape[0] if isinstance(batch, Tensor) else None
