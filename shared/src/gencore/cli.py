@@ -27,24 +27,26 @@ __all__ = ["CORE_CONFIGS", "compose", "hydra_app"]
 CORE_CONFIGS = Path(__file__).parent / "configs"
 
 
-def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """A console-script entry point: ``task(cfg)`` under ``@hydra.main`` with configs from ``config_dir``. It returns
-    the task's value (``gencore.run.sweep_value``: the ``optimized_metric`` when the config names one), which is what
-    a Hydra sweeper optimises in ``--multirun``."""
+def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """A console-script entry point: ``task(cfg)`` under ``@hydra.main`` with configs from ``config_dir``. Each Hydra
+    job returns the task's value (``gencore.run.sweep_value``: the number named by ``optimized_metric`` when the config
+    sets one), which is what a sweeper (Optuna, Nevergrad) optimises in ``--multirun``; ``main.job`` is that
+    function."""
     import hydra
 
     config_dir = Path(config_dir).resolve()
     if not (config_dir / f"{config_name}.yaml").is_file():
         raise ValueError(f"hydra_app: {config_dir / config_name}.yaml does not exist")
 
-    def main() -> Any:
-        def _task(cfg: DictConfig) -> Any:
-            from gencore.run import sweep_value
+    def job(cfg: DictConfig) -> Any:
+        from gencore.run import sweep_value
 
-            return sweep_value(cfg, task(cfg))
+        return sweep_value(cfg, task(cfg))
 
-        return hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(_task)()
+    def main() -> None:
+        hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(job)()
 
+    main.job = job  # type: ignore[attr-defined]  # what Hydra runs per job; its return value is the sweep value
     return main
 
 

@@ -301,8 +301,9 @@ class LatentNormalizer(nn.Module):
     process of a ``torch.distributed`` run, so all replicas agree. Both are float32 buffers: saved in checkpoints,
     exported with the weights, restored by ``load_state_dict`` (an estimated run that resumes keeps its numbers).
 
-    Readiness is a host flag (no device sync per call): set once the buffers hold numbers, looked at again (one
-    check) after a state dict is loaded. Normalising in eval mode before the numbers exist is a RuntimeError.
+    Readiness is a host flag (no device sync per call): known at construction, set by the estimate, and looked at
+    again (one check, at load time) when a state dict is loaded. Normalising in eval mode before the numbers exist
+    is a RuntimeError.
     """
 
     def __init__(self, scale: float | None = 1.0, shift: float | None = 0.0) -> None:
@@ -315,13 +316,15 @@ class LatentNormalizer(nn.Module):
         self.register_buffer("scale", torch.tensor(nan if scale is None else float(scale)))
         self.register_buffer("shift", torch.tensor(nan if shift is None else float(shift)))
         self._ready = scale is not None and shift is not None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ready", False))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._look_again())
+
+    def _look_again(self) -> None:
+        """After a state dict was loaded (one host check, at load time, not in a training step)."""
+        self._ready = not bool(torch.isnan(self.scale) | torch.isnan(self.shift))
 
     @property
     def ready(self) -> bool:
-        """Whether both numbers are known (one host check, only until they are)."""
-        if not self._ready:
-            self._ready = not bool(torch.isnan(self.scale) | torch.isnan(self.shift))
+        """Whether both numbers are known (a host flag: set at construction, by :meth:`estimate` and on loading)."""
         return self._ready
 
     @torch.no_grad()
