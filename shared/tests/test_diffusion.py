@@ -1,10 +1,13 @@
 """gencore.diffusion: the model-calling convention, classifier-free guidance, conditioning dropout, DDIM grids and
 steps, and per-timestep loss buckets -- closed forms and the official values."""
 
+import csv
 import math
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from gencore.diffusion import (
     LossBuckets,
@@ -183,3 +186,52 @@ def test_loss_buckets_means_names_and_no_sync():
     assert ints.compute() == {}
     with pytest.raises(ValueError, match="n_buckets"):
         LossBuckets(-1)
+
+
+class BucketedRegression(L.LightningModule):
+    """Per-sample squared errors at random t, logged through LossBuckets as a diffusion recipe does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(1, 1)
+        self.buckets = {"train": LossBuckets(4), "val": LossBuckets(4)}
+
+    def _step(self, batch, split):
+        x, t = batch
+        per_sample = (self.net(x).squeeze(1) - t).square()
+        self.buckets[split].update(per_sample, t)
+        return per_sample.mean()
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.buckets["train"].log(self, "train")
+
+    def on_validation_epoch_end(self):
+        self.buckets["val"].log(self, "val", force=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_loss_buckets_reach_the_loggers_on_logging_steps(tmp_path):
+    t = torch.rand(64)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(t[:, None], t), batch_size=8)
+    trainer = L.Trainer(
+        max_steps=8,
+        log_every_n_steps=4,
+        logger=CSVLogger(tmp_path, name="", version=0),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=2,
+        val_check_interval=8,
+    )
+    trainer.fit(BucketedRegression(), data, data)
+    rows = list(csv.DictReader(open(tmp_path / "version_0" / "metrics.csv")))
+    logged = [r for r in rows if any(r.get(f"train/loss_t/{n}") for n in ("0.00-0.25", "0.25-0.50"))]
+    assert [int(r["step"]) for r in logged] == [3, 7]  # Lightning's logging steps, nothing in between
+    assert any(r.get("val/loss_t/0.75-1.00") for r in rows)  # the validation epoch's bins, once
