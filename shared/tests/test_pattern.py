@@ -142,15 +142,19 @@ def test_legacy_keys_load_through_torch_and_gencore():
             super().__init__()
             self.net = nn.Linear(2, 2)
             self.latent_norm = LatentNormalizer(scale=None, shift=0.0)
-            io.accept_legacy_keys(self, {"scale_factor": "latent_norm.scale", "old_net.": "net."})
+            renames = {"scale_factor": "latent_norm.scale", "old_net.": "net."}
+            io.accept_legacy_keys(self, renames, defaults={"latent_norm.shift": 0.0})
 
+    # the old layout: other names, and no shift (it was a constant)
     old = {"old_net.weight": torch.eye(2), "old_net.bias": torch.ones(2), "scale_factor": torch.tensor(0.25)}
-    old["latent_norm.shift"] = torch.tensor(0.0)
     for load in (lambda m, s: m.load_state_dict(s), lambda m, s: io.load_state_dict(m, s)):
         m = Model()
         load(m, dict(old))
         assert torch.equal(m.net.weight, torch.eye(2)) and m.latent_norm.scale.item() == 0.25
-        assert m.latent_norm.ready
+        assert m.latent_norm.ready and m.latent_norm.shift.item() == 0.0
+    current = {k: v for k, v in Model().state_dict().items() if k != "latent_norm.shift"}
+    with pytest.raises(io.CheckpointKeyError, match=r"missing key\(s\): latent_norm.shift"):
+        io.load_state_dict(Model(), current)  # defaults fill old layouts only; a current one lacking a key is an error
     assert io.rename_legacy_keys({"a": "b"}, {"a": 1, "b": 2}) == {"a": 1, "b": 2}  # the new name wins
 
 

@@ -346,11 +346,19 @@ def frozen_prefixes(module: nn.Module) -> list[str]:
     return [f"{name}." for name, m in module.named_modules() if name and getattr(m, "_genlab_frozen", False)]
 
 
-def rename_legacy_keys(renames: Mapping[str, str], state: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+def rename_legacy_keys(
+    renames: Mapping[str, str],
+    state: Mapping[str, Tensor],
+    prefix: str = "",
+    defaults: Mapping[str, Tensor | float] | None = None,
+) -> dict[str, Tensor]:
     """``state`` with keys that an older genlab version (or an official checkpoint) stored elsewhere moved to where the
     module keeps them now. ``renames`` maps an old key, or an old prefix ending in ``"."``, to the new one; only keys
-    under ``prefix`` are looked at, and a key whose new name is already present stays as it is."""
+    under ``prefix`` are looked at, and a key whose new name is already present stays as it is. When anything was
+    renamed (an old-layout state dict), entries of ``defaults`` (new key -> value) that it lacks are filled in: the
+    numbers the old layout did not store because they were constant (e.g. LDM's latent shift, 0)."""
     out = dict(state)
+    renamed = False
     for key in list(state):
         if not key.startswith(prefix):
             continue
@@ -360,18 +368,25 @@ def rename_legacy_keys(renames: Mapping[str, str], state: Mapping[str, Tensor], 
                 target = prefix + new + rel[len(old) :]
                 if target not in out:
                     out[target] = out.pop(key)
+                    renamed = True
                 break
+    if renamed:
+        for key, value in (defaults or {}).items():
+            out.setdefault(prefix + key, torch.as_tensor(value))
     return out
 
 
-def accept_legacy_keys(module: nn.Module, renames: Mapping[str, str]) -> None:
+def accept_legacy_keys(
+    module: nn.Module, renames: Mapping[str, str], *, defaults: Mapping[str, Tensor | float] | None = None
+) -> None:
     """Let ``module`` load state dicts that keep some of its entries under older names (``renames``: old key or
-    ``"prefix."`` -> new), through ``module.load_state_dict`` (Lightning's resume) and :func:`load_state_dict` alike."""
-    renames = dict(renames)
-    module._genlab_legacy_keys = renames  # type: ignore[attr-defined]
+    ``"prefix."`` -> new; ``defaults``: values of new keys that such old state dicts lack), through
+    ``module.load_state_dict`` (Lightning's resume) and :func:`load_state_dict` alike."""
+    renames, defaults = dict(renames), dict(defaults or {})
+    module._genlab_legacy_keys = (renames, defaults)  # type: ignore[attr-defined]
 
     def hook(mod: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        upgraded = rename_legacy_keys(renames, state_dict, prefix)
+        upgraded = rename_legacy_keys(renames, state_dict, prefix, defaults)
         state_dict.clear()
         state_dict.update(upgraded)
 
@@ -419,7 +434,8 @@ def load_state_dict(
         selected[key] = value
     if prefix and not selected:
         raise CheckpointKeyError(f"{source}: no keys start with prefix {prefix!r}", [], [], [])
-    selected = rename_legacy_keys(getattr(module, "_genlab_legacy_keys", {}), selected)
+    renames, defaults = getattr(module, "_genlab_legacy_keys", ({}, {}))
+    selected = rename_legacy_keys(renames, selected, defaults=defaults)
     own = module.state_dict()
     missing = [k for k in own if k not in selected and not (allow and k.startswith(allow))]
     unexpected = [k for k in selected if k not in own]

@@ -438,7 +438,8 @@ def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, A
     "the model's default")."""
     kwargs = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
     assert isinstance(kwargs, dict)
-    return int(cfg.get("num_samples", 64)), {k: v for k, v in kwargs.items() if v is not None}
+    n = cfg.get("num_samples")
+    return (64 if n is None else int(n)), {k: v for k, v in kwargs.items() if v is not None}
 
 
 def sample(

@@ -146,7 +146,10 @@ class FrozenTextEncoder(FrozenModule):
         batch = self.tokenizer(
             list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
-        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        # non-blocking: a training step that meets a new prompt does not wait for the device
+        return {
+            k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in ("input_ids", "attention_mask")
+        }
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
@@ -310,7 +313,7 @@ class PrecomputedTextEncoder(FrozenModule):
                 f"text features {self.path}: prompt {missing[0]!r} was not precomputed (the file holds "
                 f"{len(self.prompts)} prompts; add it with save_text_features)"
             )
-        idx = torch.tensor([self._index[t] for t in texts], device=self.tokens.device)
+        idx = torch.tensor([self._index[t] for t in texts]).to(self.tokens.device, non_blocking=True)
         return {"tokens": self.tokens[idx], "mask": self.mask[idx], "pooled": self.pooled[idx]}
 
     def encode(self, texts: Sequence[str]) -> Tensor:
