@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from gencore import run
@@ -15,7 +16,8 @@ from gencore.cli import compose
 from gencore.data.fashion_mnist import DEFAULT_ROOT
 from gencore.testing import logged_values, mean_image_psnr
 from taming.cli import CONFIGS
-from taming.evaluate import evaluate
+from taming.conditioning import ClassConditioner, SOSConditioner, SpatialConditioner
+from taming.tasks import evaluate
 
 pytestmark = [
     pytest.mark.slow,
@@ -85,7 +87,7 @@ def test_class_transformer_trains_and_samples_from_the_cli(vqgan_run, tmp_path):
             "module.transformer.n_layer=2",
             "module.transformer.n_embd=32",
             "module.transformer.vocab_size=74",
-            "module.class_offset=64",
+            "module.conditioner.offset=64",
             "module.sample.top_k=16",
             "callbacks.images.every_n_steps=60",
             *TINY,
@@ -114,11 +116,26 @@ def test_class_transformer_trains_and_samples_from_the_cli(vqgan_run, tmp_path):
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["images"].shape == (12, 1, 16, 16) and data["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert (tmp_path / "s" / "grid.png").is_file()
-    assert res.module.cond_kind == "class"
+    conditioner = res.module.cond_stage_model
+    assert isinstance(conditioner, ClassConditioner)
+    assert conditioner.encode({"label": torch.tensor([3])}).tolist() == [[67]]  # class c is token 64 + c
+    # taming-eval of a class model: samples of every class in turn, scored against the classes asked for
+    metrics = evaluate(
+        {
+            "checkpoint": str(tr_dir),
+            "num_samples": 20,
+            "batch_size": 10,
+            "sample": {"top_k": 16},
+            "out_dir": str(tmp_path),
+        }
+    )
+    assert metrics["n"] == 20 and 0 <= metrics["class_accuracy"] <= 1 and np.isfinite(metrics["fid"])
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
 
 def test_every_experiment_config_composes_and_builds(vqgan_run):
     vq_dir, _, _ = vqgan_run
+    built = {}
     for exp in sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")):
         cfg = compose(
             CONFIGS,
@@ -132,8 +149,16 @@ def test_every_experiment_config_composes_and_builds(vqgan_run):
             ],
         )
         assert cfg.module._target_.startswith("taming.lit.")
+        if "transformer" in exp:
+            assert "cond_stage" not in cfg.module and cfg.module.conditioner._target_.startswith("taming.conditioning.")
         if exp.endswith("fmnist") or "fmnist_" in exp:
             if "transformer" in exp:  # paper-size GPTs are not built here; the toy ones are
                 cfg.module.transformer.n_layer = 1
             module = instantiate(cfg.module, _convert_="all")
             assert module is not None
+            built[exp] = module
+    assert isinstance(built["transformer_fmnist"].cond_stage_model, SOSConditioner)
+    assert built["transformer_fmnist_class"].cond_stage_model.vocab_end == 522
+    edges = built["transformer_fmnist_edges"].cond_stage_model
+    assert isinstance(edges, SpatialConditioner) and (edges.cond_key, edges.condition) == ("image", "edges")
+    assert built["vqgan_fmnist_edges"].condition == "edges"

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from gencore.io import CheckpointKeyError
 from gencore.testing import randomize_parameters
+from taming.conditioning import ClassConditioner, SOSConditioner, SpatialConditioner
 from taming.convert import diffusers_vq_config, from_diffusers_vq, load_net2net, load_vqgan, to_diffusers_vq
 from taming.lit import Net2NetTransformer
 from taming.models.mingpt import GPT
@@ -297,16 +298,27 @@ def test_official_net2net_checkpoint_loads_in_one_call(tmp_path, cond):
     # a model with the official layout, randomised, saved the way the released checkpoints are
     gpt = GPT(vocab_size=64, block_size=127, n_layer=2, n_head=2, n_embd=32)
     first = build_vqmodel("tiny")
-    cond_stage = {"sos": "sos", "class": "class", "vq": build_vqmodel("tiny")}[cond]
-    src = Net2NetTransformer(gpt, first, cond_stage=cond_stage, sos_token=3)
+    conditioner = {
+        "sos": SOSConditioner(3),
+        "class": ClassConditioner(10),
+        "vq": SpatialConditioner(build_vqmodel("tiny"), cond_key="depth"),
+    }[cond]
+    src = Net2NetTransformer(gpt, first, conditioner)
     randomize_parameters(src, seed=1)
     state = dict(src.state_dict())
     assert all(k.split(".")[0] in ("transformer", "first_stage_model", "cond_stage_model") for k in state)
     torch.save({"state_dict": state, "global_step": 10}, tmp_path / "last.ckpt")
     loaded = load_net2net(tmp_path / "last.ckpt", config=tmp_path / "project.yaml")
-    assert loaded.cond_kind == {"sos": "sos", "class": "class", "vq": "spatial"}[cond]
+    depth = torch.rand(2, 1, 16, 16) * 2 - 1
+    batch = {"image": -depth, "label": torch.tensor([1, 7]), "depth": depth}
+    c = src.encode_to_c(batch, 2)
+    assert torch.equal(loaded.encode_to_c(batch, 2), c)  # the same conditioning tokens from the same batch
+    expected = {"sos": [[3], [3]], "class": [[1], [7]]}  # SOSProvider(3); Labelator without offset
+    if cond in expected:
+        assert c.tolist() == expected[cond]
+    else:  # the depth map's codes under the conditioning VQGAN
+        assert torch.equal(c, src.cond_stage_model.vqgan.encode_to_indices(depth).flatten(1))
     z = torch.randint(0, 64, (2, 64))
-    c = {"sos": torch.full((2, 1), 3), "class": torch.tensor([[1], [7]]), "vq": torch.randint(0, 64, (2, 64))}[cond]
     src.eval()
     torch.testing.assert_close(loaded(z, c)[0], src(z, c)[0])
     del state["transformer.head.weight"]

@@ -4,15 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gencore.metrics import MissingWeightsError
-from taming.losses import (
-    LPIPS,
-    FMNISTPerceptual,
-    NLayerDiscriminator,
-    VQLPIPSWithDiscriminator,
-    adopt_weight,
-    hinge_d_loss,
-    vanilla_d_loss,
-)
+from gencore.training import adopt_weight, hinge_d_loss, vanilla_d_loss
+from taming.losses import LPIPS, ActNorm, FMNISTPerceptual, NLayerDiscriminator, VQLPIPSWithDiscriminator
 
 
 def test_discriminator_layout_and_patch_output():
@@ -28,7 +21,34 @@ def test_discriminator_layout_and_patch_output():
     assert act.main[3].initialized.item() == 1
 
 
+def test_actnorm_initialises_once_from_the_first_training_batch_and_knows_it_on_the_host():
+    torch.manual_seed(0)
+    norm = ActNorm(3)
+    assert set(norm.state_dict()) == {"loc", "scale", "initialized"}  # the official layout
+    norm.eval()
+    x = torch.randn(8, 3, 4, 4) * 5 + 3
+    assert torch.equal(norm(x), x) and norm.initialized.item() == 0  # eval mode: no initialisation
+    norm.train()
+    y = norm(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)  # zero mean, unit std per channel
+    assert torch.allclose(y.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
+    assert norm.initialized.item() == 1 and norm._initialized
+    loc = norm.loc.detach().clone()
+    norm(x * 10)
+    assert torch.equal(norm.loc, loc)  # only the first batch initialises
+    fresh = ActNorm(3)
+    fresh.load_state_dict(norm.state_dict())
+    assert fresh._initialized  # a loaded initialised layer is not initialised again
+    fresh.train()(x * 10)
+    assert torch.equal(fresh.loc, loc)
+    restarted = ActNorm(3)
+    restarted.load_state_dict(ActNorm(3).state_dict())
+    assert not restarted._initialized
+
+
 def test_gan_losses_closed_forms():
+    """The loss pieces are gencore's (one copy for taming and ldm); the hinge / vanilla choice picks them."""
+    assert _loss().disc_loss is hinge_d_loss and _loss(disc_loss="vanilla").disc_loss is vanilla_d_loss
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
     # hinge: 0.5 (mean relu(1 - r) + mean relu(1 + f)) = 0.5 ((0 + .5)/2 + (0 + 1.5)/2)
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5)
@@ -91,8 +111,14 @@ def test_discriminator_loss_sign_and_schedule():
     expected = hinge_d_loss(loss_fn.discriminator(x), loss_fn.discriminator(rec))
     assert d_loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert log["train/logits_real"].item() == pytest.approx(loss_fn.discriminator(x).mean().item(), rel=1e-6)
-    # official calling convention
-    assert loss_fn(torch.tensor(0.0), x, rec, 1, 3)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert log["train/logits_fake"].item() == pytest.approx(loss_fn.discriminator(rec).mean().item(), rel=1e-6)
+    halved = _loss(disc_start=3, disc_factor=0.5)
+    halved.discriminator.load_state_dict(loss_fn.discriminator.state_dict())
+    half, _ = halved.discriminator_loss(x, rec, step=3)  # disc_factor scales the discriminator loss
+    assert half.item() == pytest.approx(0.5 * d_loss.item(), rel=1e-6)
+    assert (
+        type(loss_fn).forward is torch.nn.Module.forward
+    )  # no forward(optimizer_idx): generator_ / discriminator_loss
 
 
 def test_l2_pixel_loss_and_bad_arguments():

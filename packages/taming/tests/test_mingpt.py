@@ -231,9 +231,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         model(torch.zeros(1, 66, dtype=torch.long))
     with pytest.raises(ValueError, match="sequence length 66 \\(3 embeddings \\+ 63 tokens\\)"):
         model(torch.zeros(1, 63, dtype=torch.long), embeddings=torch.zeros(1, 3, 64))
-    with pytest.raises(ValueError, match="token id 64 is outside \\[0, vocab_size=64\\)"):
+    with pytest.raises(ValueError, match="token ids \\(vocab_size=64\\): index 64 is outside \\[0, 64\\)"):
         model(torch.tensor([[1, 64, 2]]))
-    with pytest.raises(ValueError, match="token id -1 is outside"):
+    with pytest.raises(ValueError, match="token ids .*index -1 is outside"):
         model(torch.tensor([[1, -1, 2]]))
     with pytest.raises(ValueError, match="embeddings must have shape"):
         model(torch.zeros(2, 3, dtype=torch.long), embeddings=torch.zeros(2, 3, 32))

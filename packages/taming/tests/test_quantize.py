@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from taming.models.quantize import GumbelQuantize, LambdaWarmUpCosineScheduler, VectorQuantizer, codebook_usage
+from taming.models.quantize import (
+    GumbelQuantize,
+    LambdaWarmUpCosineScheduler,
+    VectorQuantizer,
+    code_counts,
+    codebook_usage,
+)
 
 
 def _vq(**kw) -> VectorQuantizer:
@@ -87,6 +93,12 @@ def test_perplexity_is_a_real_tensor():
     assert min_encodings is None
     assert idx.tolist() == [0, 1, 2, 3]
     assert torch.is_tensor(perplexity) and math.isclose(perplexity.item(), 4.0, rel_tol=1e-5)
+
+
+def test_code_counts_equal_bincount():
+    idx = torch.randint(0, 50, (3, 7, 7), generator=torch.Generator().manual_seed(0))
+    counts = code_counts(idx, 64)
+    assert counts.dtype == torch.long and torch.equal(counts, torch.bincount(idx.flatten(), minlength=64))
 
 
 def test_codebook_usage_numbers():
@@ -274,8 +286,27 @@ def test_dead_code_restart_mechanics():
     assert q.restarts == 7 and q.unused_for.tolist() == [0] * 8
     moved = q.embedding.weight[1:]
     assert torch.cdist(moved, rows).min(dim=1).values.max() < 1e-6
+    assert q.restart_count.shape == () and q.restart_count.device == q.embedding.weight.device  # logged as is
     with pytest.raises(ValueError, match="restart_unused_after must be >= 0"):
         VectorQuantizer(8, 2, restart_unused_after=-1)
+
+
+def test_dead_code_restarts_run_every_n_passes():
+    """Restarts happen on passes N, 2N, ...: a code unused since pass p is moved at the first of them with at least
+    N unused passes behind it (after N to 2N - 1 passes), never in between."""
+    q = VectorQuantizer(4, 2, restart_unused_after=3).train()
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]]))
+    near = {c: q.embedding.weight[c].detach().clone().view(1, 2, 1, 1) for c in range(4)}
+    moved = []
+    for code, shift in [(1, 0.01), (0, 0.01), (0, 0.5), (0, 0.01), (0, 0.01), (0, 0.01)]:  # picks 1, then only 0
+        before = q.embedding.weight.detach().clone()
+        q(near[code] + shift)  # (codes moved at pass 3 land at 0.5: farther from the later inputs than code 0)
+        moved.append(sorted(set(torch.nonzero((q.embedding.weight != before).any(1)).flatten().tolist())))
+    # pass 3: codes 2, 3 unused for 3 passes move (code 1 only for 2); pass 6: code 1 (unused for 5) and the moved
+    # codes 2, 3 (unused since pass 3) move; nothing moves in between
+    assert moved == [[], [], [2, 3], [], [], [1, 2, 3]]
+    assert q.restarts == 5
 
 
 def test_dead_code_restart_uses_more_of_the_codebook_on_real_patches():

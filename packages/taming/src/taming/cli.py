@@ -4,10 +4,10 @@ from pathlib import Path
 
 from gencore import run
 from gencore.cli import hydra_app
-from taming.evaluate import evaluate as _evaluate
+from taming import tasks
 
 CONFIGS = Path(__file__).parent / "configs"
 
 train = hydra_app(CONFIGS, "train", run.train)
-sample = hydra_app(CONFIGS, "sample", run.sample)
-evaluate = hydra_app(CONFIGS, "eval", _evaluate)
+sample = hydra_app(CONFIGS, "sample", tasks.sample)
+evaluate = hydra_app(CONFIGS, "eval", tasks.evaluate)

@@ -376,6 +376,7 @@ def load_net2net(
     ``Labelator`` (class token, no offset, as released), a VQGAN (spatial). Other stages (``CoordStage``,
     ``VQSegmentationModel`` with a 1x1 segmentation head...) and non-identity permuters raise ValueError.
     """
+    from taming.conditioning import ClassConditioner, SOSConditioner, SpatialConditioner
     from taming.lit import Net2NetTransformer
     from taming.models.mingpt import GPT
 
@@ -392,27 +393,27 @@ def load_net2net(
     first = cls(**kwargs)
     cond_node = params.get("cond_stage_config")
     target = cond_node if isinstance(cond_node, str) else str((cond_node or {}).get("target", ""))
-    extra: dict[str, Any] = {
-        "sos_token": int(params.get("sos_token", 0)),
-        "pkeep": float(params.get("pkeep", 1.0)),
-        "image_key": params.get("first_stage_key", "image"),
-    }
     if params.get("unconditional") or target in ("__is_unconditional__", "") or target.endswith("SOSProvider"):
-        cond: Any = "sos"
+        sos_token = int(params.get("sos_token", 0))
         if target.endswith("SOSProvider"):
-            extra["sos_token"] = int(cond_node.get("params", {}).get("sos_token", extra["sos_token"]))
+            sos_token = int(cond_node.get("params", {}).get("sos_token", sos_token))
+        conditioner: Any = SOSConditioner(sos_token)
     elif target.endswith("Labelator"):
-        cond = "class"
-        extra.update(n_classes=int(cond_node["params"]["n_classes"]), class_offset=0)
+        conditioner = ClassConditioner(int(cond_node["params"]["n_classes"]), offset=0)
     elif target.rsplit(".", 1)[-1] in ("VQModel", "GumbelVQ"):
         ccls, ckwargs = vqgan_config_from_yaml(cfg, stage="cond_stage_config")
-        cond = ccls(**ckwargs)
-        extra["cond_key"] = params.get("cond_stage_key", "depth")
+        conditioner = SpatialConditioner(ccls(**ckwargs), cond_key=params.get("cond_stage_key", "depth"))
     else:
         raise ValueError(
             f"unsupported conditioning stage {target!r} (supported: unconditional / SOSProvider, Labelator, a VQGAN)"
         )
-    module = Net2NetTransformer(gpt, first, cond_stage=cond, **extra)
+    module = Net2NetTransformer(
+        gpt,
+        first,
+        conditioner,
+        pkeep=float(params.get("pkeep", 1.0)),
+        image_key=params.get("first_stage_key", "image"),
+    )
     state = extract_state_dict(load_checkpoint(path, map_location=map_location))
     load_state_dict(
         module,

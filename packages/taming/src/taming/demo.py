@@ -19,7 +19,7 @@ from pathlib import Path
 from gencore import run
 from gencore.cli import compose
 from taming.cli import CONFIGS
-from taming.evaluate import evaluate_reconstructions, evaluate_samples
+from taming.tasks import evaluate_reconstructions, evaluate_samples, sample
 
 log = logging.getLogger("taming.demo")
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     tr = run.train(tr_cfg)
     t_tr = time.perf_counter() - t0 - t_vq
-    grid = run.sample(
+    grid = sample(
         {
             "checkpoint": str(out / "transformer"),
             "out_dir": str(out / "samples"),

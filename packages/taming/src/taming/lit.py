@@ -1,14 +1,16 @@
-"""Training recipes of Taming Transformers as LightningModules, built from injected networks and losses.
+"""Training recipes of Taming Transformers as LightningModules, built from injected networks, losses and conditioners.
 
-- :class:`VQGANModule` — the first stage: VQModel + :class:`~taming.losses.VQLPIPSWithDiscriminator`, manual
-  optimisation with two Adam optimisers (betas 0.5, 0.9), codebook usage logging. With ``perceptual="none"``,
-  ``pixel_loss="l2"`` and ``disc_weight=0`` the same module trains a plain VQ-VAE.
-- :class:`Net2NetTransformer` — the second stage: a GPT over the frozen first stage's code indices, preceded by
-  conditioning tokens (start token, class, or a second VQGAN's codes), with ``pkeep`` token corruption; AdamW
-  (betas 0.9, 0.95, weight decay on Linear weights only).
+- :class:`VQGANModule` — the first stage: VQModel + :class:`~taming.losses.VQLPIPSWithDiscriminator` on the shared
+  two-optimizer GAN step (:class:`gencore.training.GANModule`: generator, then discriminator, Adam betas (0.5, 0.9)),
+  codebook usage logging. With ``perceptual="none"``, ``pixel_loss="l2"`` and ``disc_weight=0`` the same module
+  trains a plain VQ-VAE.
+- :class:`Net2NetTransformer` — the second stage: a GPT over the frozen first stage's code indices, preceded by the
+  tokens of a conditioner (:mod:`taming.conditioning`: start token, class, or a second VQGAN's codes), with ``pkeep``
+  token corruption; AdamW (betas 0.9, 0.95, weight decay on Linear weights only).
 
 Step counting: Lightning counts optimizer steps, so the VQGAN recipe advances ``global_step`` by 2 per batch
-(generator + discriminator); ``disc_start`` and the EMA / image-grid callbacks count batches.
+(generator + discriminator); ``disc_start`` and the EMA / image-grid callbacks count batches. No training step waits
+for the device (``tests/test_no_sync.py``).
 """
 
 from __future__ import annotations
@@ -20,37 +22,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gencore.conditioning import Conditioner
+from gencore.metrics import psnr
 from gencore.modules import freeze
-from taming.conditioning import ClassProvider, SOSProvider, condition_transform
+from gencore.training import GANModule, scaled_learning_rate
+from taming.conditioning import (
+    LEGACY_ARGUMENTS,
+    SOSConditioner,
+    TokenConditioner,
+    condition_transform,
+    legacy_conditioner,
+)
 from taming.losses import VQLPIPSWithDiscriminator
 from taming.models.quantize import codebook_usage
 from taming.sampling import sample_tokens, sliding_window_sample
 
-__all__ = ["Net2NetTransformer", "VQGANModule", "psnr", "scaled_learning_rate"]
+__all__ = ["Net2NetTransformer", "VQGANModule"]
 
 
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (data range 2)."""
-    mse = (x.float() - y.float()).square().flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
-def scaled_learning_rate(module: L.LightningModule, lr: float, scale: bool) -> float:
-    """Official rule (``main.py``): lr = base_lr × batch size × devices × accumulation."""
-    if not scale:
-        return lr
-    trainer = module.trainer
-    bs = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule is not None else 1
-    return lr * bs * trainer.world_size * trainer.accumulate_grad_batches
-
-
-class VQGANModule(L.LightningModule):
-    """VQGAN (or VQ-VAE) training.
+class VQGANModule(GANModule):
+    """VQGAN (or VQ-VAE) training: one generator step (reconstruction + codebook + adaptive GAN loss, Eq. 5-7) and
+    one discriminator step per batch.
 
     Args:
         model: a :class:`taming.models.vqgan.VQModel` (or GumbelVQ).
-        loss: the VQGAN loss (its discriminator is trained here too).
+        loss: the VQGAN loss (its discriminator is the other player).
         learning_rate: Adam lr; with ``scale_lr`` it is the official base rate (×batch×devices×accumulation).
+        betas: Adam's, for both players.
         image_key: batch key of the images.
         condition: train on a condition image derived from the data (``edges`` / ``lowres``): the conditioning
             VQGAN of a spatially conditioned transformer.
@@ -58,6 +56,8 @@ class VQGANModule(L.LightningModule):
             ``temperature_schedule`` if it has one).
         usage_every: batches per codebook-usage window (perplexity, used share, dead codes).
     """
+
+    generator_loss_name = "train/aeloss"
 
     def __init__(
         self,
@@ -71,23 +71,16 @@ class VQGANModule(L.LightningModule):
         temperature_schedule: Any = None,
         usage_every: int = 100,
     ) -> None:
-        super().__init__()
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        super().__init__(learning_rate=learning_rate, scale_lr=scale_lr, betas=betas)
+        if usage_every < 1:
+            raise ValueError(f"usage_every must be >= 1, got {usage_every}")
         self.model, self.loss = model, loss
-        self.learning_rate, self.scale_lr, self.betas = learning_rate, scale_lr, tuple(betas)
         self.image_key, self.condition = image_key, condition
         self._to_input = condition_transform(condition)
         self.temperature_schedule = temperature_schedule
         self.usage_every = usage_every
-        self.automatic_optimization = False
         self.register_buffer("_usage", torch.zeros(model.vocab_size, dtype=torch.long), persistent=False)
         self._usage_batches = 0
-
-    @property
-    def batch_step(self) -> int:
-        """Training batches seen (two optimizer steps each)."""
-        return self.global_step // 2
 
     def get_input(self, batch: dict[str, Any]) -> Tensor:
         if self.image_key not in batch:
@@ -99,45 +92,50 @@ class VQGANModule(L.LightningModule):
         quant, qloss, info = self.model.encode(x)
         return self.model.decode(quant), qloss, info[2]
 
-    def _track_usage(self, indices: Tensor) -> None:
-        self._usage += torch.bincount(indices.flatten(), minlength=self._usage.numel())
-        self._usage_batches += 1
-        if self._usage_batches >= self.usage_every:
-            used = self._usage > 0
-            p = self._usage.double() / self._usage.sum()
-            perplexity = torch.exp(-(p[used] * p[used].log()).sum())
-            logs = {
-                "train/perplexity": perplexity.float(),
-                "train/codebook_used": used.double().mean().float(),
-                "train/dead_codes": (~used).sum().float(),
-            }
-            if getattr(self.model.quantize, "restart_unused_after", 0):
-                logs["train/codes_restarted"] = torch.tensor(float(self.model.quantize.restarts))
-            self.log_dict(logs)
-            self._usage.zero_()
-            self._usage_batches = 0
+    # --- the GAN step (gencore.training.GANModule runs the updates) ------------------------------------------------
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        opt_ae, opt_disc = self.optimizers()
-        step = self.batch_step
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return list(self.loss.discriminator.parameters())
+
+    def generator_step(self, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor], Any]:
         if self.temperature_schedule is not None:
             self.model.temperature = float(self.temperature_schedule(step))
         elif getattr(self.model, "temperature_schedule", None) is not None:
             self.model.temperature_scheduling(step)
         x = self.get_input(batch)
         xrec, qloss, indices = self(x)
-        aeloss, log_ae = self.loss.generator_loss(qloss, x, xrec, step, last_layer=self.model.get_last_layer())
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(aeloss)
-        opt_ae.step()
-        dloss, log_d = self.loss.discriminator_loss(x, xrec, step)
-        opt_disc.zero_grad(set_to_none=True)
-        if dloss is not None:
-            self.manual_backward(dloss)
-        opt_disc.step()  # a no-op before disc_start (no gradients), keeps 2 optimizer steps per batch
-        self.log("train/aeloss", aeloss.detach(), prog_bar=True)
-        self.log_dict({**log_ae, **log_d})
-        self._track_usage(indices)
+        loss, logs = self.loss.generator_loss(qloss, x, xrec, step, last_layer=self.model.get_last_layer())
+        return loss, logs, (x, xrec, indices)
+
+    def discriminator_step(self, batch: dict[str, Any], state: Any, step: int) -> tuple[Tensor | None, dict]:
+        x, xrec, _ = state
+        return self.loss.discriminator_loss(x, xrec, step)
+
+    def on_gan_step_end(self, batch: dict[str, Any], state: Any) -> None:
+        self._track_usage(state[2])
+
+    def _track_usage(self, indices: Tensor) -> None:
+        """Count the batch's codes on the device; every ``usage_every`` batches log perplexity, used share and dead
+        codes of the window (no host sync: no bincount, no boolean masks)."""
+        flat = indices.reshape(-1).long()
+        self._usage.index_add_(0, flat, torch.ones_like(flat))
+        self._usage_batches += 1
+        if self._usage_batches < self.usage_every:
+            return
+        p = self._usage.double() / self._usage.sum()
+        used = self._usage > 0
+        logs = {
+            "train/perplexity": torch.exp(-torch.xlogy(p, p).sum()).float(),  # 0 log 0 = 0 for unused codes
+            "train/codebook_used": used.double().mean().float(),
+            "train/dead_codes": (~used).sum().float(),
+        }
+        if getattr(self.model.quantize, "restart_unused_after", 0):
+            logs["train/codes_restarted"] = self.model.quantize.restart_count.float()
+        self.log_dict(logs)
+        self._usage.zero_()
+        self._usage_batches = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = self.get_input(batch)
@@ -153,15 +151,6 @@ class VQGANModule(L.LightningModule):
             }
         )
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
-        ae_params = [p for p in self.model.parameters() if p.requires_grad]
-        disc_params = list(self.loss.discriminator.parameters())
-        return [
-            torch.optim.Adam(ae_params, lr=lr, betas=self.betas),
-            torch.optim.Adam(disc_params, lr=lr, betas=self.betas),
-        ]
-
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], n: int = 16) -> dict[str, Tensor]:
         x = self.get_input(batch)[:n].to(self.device)
@@ -173,64 +162,86 @@ class VQGANModule(L.LightningModule):
 
 
 class Net2NetTransformer(L.LightningModule):
-    """GPT over VQGAN codes, conditioned on tokens from a conditioning stage (``cond_transformer.py``).
+    """GPT over VQGAN codes, conditioned on the tokens of a conditioner (official ``cond_transformer.py``).
+
+    The sequence is ``[c, z]`` (conditioning tokens, then the image's code indices in raster order) and the GPT
+    predicts every image token from the ones before it (Eq. 8). The conditioner is an injected object
+    (:mod:`taming.conditioning`) stored under the official name ``cond_stage_model``.
 
     Args:
         transformer: the GPT (``taming.models.mingpt.GPT``); its vocabulary must cover the image codes and the
             conditioning tokens.
         first_stage: the frozen VQGAN whose code indices are modelled.
-        cond_stage: ``"sos"`` (unconditional), ``"class"``, or a frozen VQGAN for spatial conditioning.
-        n_classes / class_offset: class conditioning (class id + offset is the token; offset 0 is the official).
-        sos_token: the start token for unconditional models.
-        condition: for spatial conditioning, the condition image derived from the data image (``edges``,
-            ``lowres``); ``None`` reads ``batch[cond_key]``.
+        conditioner: a :class:`~taming.conditioning.TokenConditioner` (default: the start token 0 of an
+            unconditional model, ``SOSConditioner()``).
         pkeep: probability of keeping each input image token during training (the rest are replaced by random
             codes; 1.0 = no corruption).
         learning_rate, scale_lr, weight_decay, betas: AdamW as in the official recipe.
         sample: default sampling arguments for image logging / ``generate`` (temperature, top_k, top_p).
+        image_key: batch key of the images.
+        **legacy: the arguments of the constructor before conditioners (``cond_stage``, ``n_classes``,
+            ``class_offset``, ``sos_token``, ``condition``, ``cond_key``; exports written then have them in their
+            config), translated by :func:`taming.conditioning.legacy_conditioner`.
     """
 
     def __init__(
         self,
         transformer: nn.Module,
         first_stage: nn.Module,
-        cond_stage: str | nn.Module = "sos",
-        n_classes: int = 10,
-        class_offset: int = 0,
-        sos_token: int = 0,
-        condition: str | None = None,
-        cond_key: str = "image",
-        image_key: str = "image",
+        conditioner: TokenConditioner | None = None,
+        *,
         pkeep: float = 1.0,
         learning_rate: float = 4.5e-6,
         scale_lr: bool = True,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
         sample: dict[str, Any] | None = None,
+        image_key: str = "image",
+        **legacy: Any,
     ) -> None:
         super().__init__()
         if not 0.0 < pkeep <= 1.0:
             raise ValueError(f"pkeep must be in (0, 1], got {pkeep}")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         self.transformer = transformer
         self.first_stage_model = freeze(first_stage)
-        if isinstance(cond_stage, str):
-            if cond_stage == "sos":
-                self.cond_stage_model: nn.Module = SOSProvider(sos_token)
-            elif cond_stage == "class":
-                self.cond_stage_model = ClassProvider(n_classes, class_offset)
-            else:
-                raise ValueError(f"cond_stage must be 'sos', 'class' or a VQGAN module, got {cond_stage!r}")
-            self.cond_kind = cond_stage
-        else:
-            self.cond_stage_model = freeze(cond_stage)
-            self.cond_kind = "spatial"
-        self.condition, self.cond_key, self.image_key = condition, cond_key, image_key
-        self._to_cond = condition_transform(condition)
+        self.cond_stage_model: TokenConditioner = self._conditioner(conditioner, legacy, image_key)
+        self.cond_stage_model.bind(model=transformer, first_stage=self.first_stage_model)
+        self.image_key = image_key
         self.pkeep = pkeep
         self.learning_rate, self.scale_lr = learning_rate, scale_lr
         self.weight_decay, self.betas = weight_decay, tuple(betas)
         self.sample_kwargs = dict(sample or {})
         self._check_vocab()
+
+    @staticmethod
+    def _conditioner(conditioner: Any, legacy: dict[str, Any], image_key: str) -> TokenConditioner:
+        """The injected conditioner, or the one the old arguments stand for (a string / VQGAN passed where the
+        old signature had ``cond_stage`` counts as one)."""
+        unknown = sorted(set(legacy) - set(LEGACY_ARGUMENTS))
+        if unknown:
+            raise TypeError(f"Net2NetTransformer got unexpected keyword argument(s) {', '.join(unknown)}")
+        if conditioner is not None and not isinstance(conditioner, Conditioner):
+            if "cond_stage" in legacy:
+                raise ValueError("Net2NetTransformer: give the conditioner or cond_stage, not both")
+            legacy = {"cond_stage": conditioner, **legacy}
+            conditioner = None
+        if legacy:
+            if conditioner is not None:
+                raise ValueError(
+                    f"Net2NetTransformer: give a conditioner or the old arguments ({', '.join(sorted(legacy))}), "
+                    "not both"
+                )
+            return legacy_conditioner(**legacy, image_key=image_key)
+        if conditioner is None:
+            return SOSConditioner()
+        if not isinstance(conditioner, TokenConditioner):
+            raise ValueError(
+                f"Net2NetTransformer needs a conditioner that produces tokens (taming.conditioning), got "
+                f"{type(conditioner).__name__}"
+            )
+        return conditioner
 
     # --------------------------------------------------------------------------------------------- tokens
 
@@ -239,7 +250,7 @@ class Net2NetTransformer(L.LightningModule):
         if vocab is None:
             vocab = self.transformer.tok_emb.num_embeddings
         need = self.first_stage_model.vocab_size
-        cond_end = self.cond_stage_model.vocab_size if self.cond_kind == "spatial" else self.cond_stage_model.vocab_end
+        cond_end = self.cond_stage_model.vocab_end
         if max(need, cond_end) > vocab:
             raise ValueError(
                 f"transformer vocab_size {vocab} is smaller than the token ids it must model: image "
@@ -253,20 +264,9 @@ class Net2NetTransformer(L.LightningModule):
             idx = self.first_stage_model.encode_to_indices(x)  # (B, h, w)
         return idx.flatten(1), (idx.shape[1], idx.shape[2])
 
-    def cond_images(self, batch: dict[str, Any]) -> Tensor:
-        src = batch[self.image_key] if self.condition is not None else batch[self.cond_key]
-        return self._to_cond(src)
-
     def encode_to_c(self, batch: dict[str, Any], batch_size: int) -> Tensor:
-        """The conditioning tokens (B, Lc) of a batch."""
-        if self.cond_kind == "sos":
-            return self.cond_stage_model.encode(batch_size, self.device)
-        if self.cond_kind == "class":
-            if "label" not in batch:
-                raise ValueError("a class-conditional model needs batch['label']")
-            return self.cond_stage_model.encode(torch.as_tensor(batch["label"], device=self.device))
-        with torch.no_grad():
-            return self.cond_stage_model.encode_to_indices(self.cond_images(batch).to(self.device)).flatten(1)
+        """The conditioning tokens (B, Lc) of a batch (official name)."""
+        return self.cond_stage_model(batch, batch_size)
 
     def forward(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """Official ``forward(x, c)`` on token ids: (logits for every image token, target ids)."""
@@ -328,40 +328,19 @@ class Net2NetTransformer(L.LightningModule):
         labels: list[int] | Tensor | None = None,
         cond_images: Tensor | None = None,
         image_size: int | None = None,
-        cond_split: str = "test",
+        cond_split: str | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """``n`` images. Class models take ``labels`` (default: uniform random classes); spatial models take
-        ``cond_images`` (default: conditions derived from random Fashion-MNIST ``cond_split`` images). An
-        ``image_size`` above the training resolution samples its larger code grid with a sliding window."""
+        """``n`` images, with what the conditioner returns beside them. Class models take ``labels`` (default:
+        uniform random classes); spatial models take ``cond_images`` (default: conditions derived from random
+        Fashion-MNIST ``cond_split`` images). An ``image_size`` above the training resolution samples its larger
+        code grid with a sliding window. Other keyword arguments go to the sampler (temperature, top_k, ...)."""
         grid = self.latent_grid(image_size)
-        out: dict[str, Any] = {}
-        if self.cond_kind == "sos":
-            c = self.cond_stage_model.encode(n, self.device)
-        elif self.cond_kind == "class":
-            labels = (
-                torch.randint(0, self.cond_stage_model.n_classes, (n,))
-                if labels is None
-                else torch.as_tensor(labels)[:n]
-            )
-            if len(labels) != n:
-                raise ValueError(f"generate: {n} samples need {n} labels, got {len(labels)}")
-            c = self.cond_stage_model.encode(labels.to(self.device))
-            out["labels"] = labels.cpu()
-        else:
-            if cond_images is None:
-                from gencore.data import FashionMNIST
-
-                size = image_size or self.first_stage_model.encoder.resolution
-                ds = FashionMNIST(
-                    split=cond_split, image_size=size, channels=self.first_stage_model.encoder.in_channels
-                )
-                pick = torch.randint(0, len(ds), (n,))
-                images = ds.to_model_range(ds.images[pick])
-                cond_images = self._to_cond(images)
-                out["labels"] = ds.labels[pick]
-            c = self.cond_stage_model.encode_to_indices(cond_images.to(self.device)).flatten(1)
-            out["conditions"] = cond_images.cpu()
+        size = image_size or self.first_stage_model.encoder.resolution
+        batch, out = self.cond_stage_model.generation_batch(
+            n, image_size=size, labels=labels, cond_images=cond_images, cond_split=cond_split
+        )
+        c = self.cond_stage_model(batch, n)
         window = self.latent_grid()  # the grid the transformer was trained on
         if grid[0] > window[0] or grid[1] > window[1]:
             out["images"] = self.sample_sliding(c, grid, window, **kwargs)
@@ -376,14 +355,8 @@ class Net2NetTransformer(L.LightningModule):
         opts = self._sample_opts(**kwargs)
         opts.pop("use_cache", None)
         shape = (c.shape[0], *grid)
-        if self.cond_kind == "spatial":
-            z = sliding_window_sample(self.transformer, shape, window=window, cond=c, cond_shape=grid, **opts)
-        elif self.cond_kind == "sos":
-            z = sliding_window_sample(
-                self.transformer, shape, window=window, sos=self.cond_stage_model.sos_token, **opts
-            )
-        else:
-            z = sliding_window_sample(self.transformer, shape, window=window, cond=c, **opts)
+        cond = self.cond_stage_model.window_conditioning(c, grid)
+        z = sliding_window_sample(self.transformer, shape, window=window, **cond, **opts)
         return self.decode_to_img(z.flatten(1), grid)
 
     @torch.no_grad()
@@ -398,6 +371,5 @@ class Net2NetTransformer(L.LightningModule):
             self.transformer, torch.cat((c, z[:, :half]), 1), z.shape[1] - half, **self._sample_opts()
         )
         logs["samples_half"] = self.decode_to_img(torch.cat((z[:, :half], z_half), 1), grid)
-        if self.cond_kind == "spatial":
-            logs["conditioning"] = self.cond_images(sub).to(self.device)
+        logs.update(self.cond_stage_model.log_conditioning(sub, x.shape[0]))
         return logs

@@ -7,7 +7,9 @@
     total    = nll + λ · disc_factor · g_loss + codebook_weight · q_loss
     D loss   = disc_factor · ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂)))                  (hinge; or softplus)
 
-``disc_factor`` is 0 before ``disc_start`` (counted in training batches). The modules keep the official names
+``disc_factor`` is 0 before ``disc_start`` (counted in training batches). The GAN pieces (``adopt_weight``, the hinge /
+vanilla discriminator losses, the adaptive weight λ) are gencore's (:mod:`gencore.training`), shared with ldm's
+autoencoder loss. The modules keep the official names
 (``perceptual_loss.{scaling_layer,net.slice*,lin*}``, ``discriminator.main.*``) so the ``loss.*`` entries of official
 training checkpoints load into them.
 
@@ -26,13 +28,12 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencore.modules import FrozenModule
+from gencore.training import adaptive_weight, adopt_weight, hinge_d_loss, vanilla_d_loss
 
 __all__ = [
     "LPIPS",
@@ -41,48 +42,44 @@ __all__ = [
     "NLayerDiscriminator",
     "PatchGANLoss",
     "VQLPIPSWithDiscriminator",
-    "adopt_weight",
     "build_perceptual",
-    "hinge_d_loss",
-    "vanilla_d_loss",
     "weights_init",
 ]
 
 PERCEPTUAL = ("lpips", "fmnist", "none")
 
 
-def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.0) -> float:
-    """``value`` before ``threshold`` steps, ``weight`` after (official ``adopt_weight``)."""
-    return value if step < threshold else weight
-
-
-def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-
-
 # ------------------------------------------------------------------------------------------- discriminator
 
 
 class ActNorm(nn.Module):
-    """Per-channel affine layer initialised from the first training batch (Glow); official ``ActNorm`` names."""
+    """Per-channel affine layer initialised from the first training batch (Glow); official ``ActNorm`` names.
+
+    The official ``initialized`` buffer is kept (checkpoints carry it); whether the layer is initialised is also
+    known on the host (set at the first training forward and when a state dict is loaded), so that the forward
+    pass never reads the buffer back from the device.
+    """
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._initialized = False  # host copy of `initialized`
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if f"{prefix}initialized" in state_dict:  # read once when loading, not in every forward
+            self._initialized = bool(self.initialized.item())
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.initialized.item() == 0:
+        if self.training and not self._initialized:
             with torch.no_grad():
                 flat = x.transpose(0, 1).reshape(x.shape[1], -1)
                 self.loc.copy_(-flat.mean(1).view(1, -1, 1, 1))
                 self.scale.copy_(1.0 / (flat.std(1).view(1, -1, 1, 1) + 1e-6))
                 self.initialized.fill_(1)
+            self._initialized = True
         return self.scale * (x + self.loc)
 
 
@@ -263,11 +260,8 @@ class PatchGANLoss(nn.Module):
         self.disc_conditional = disc_conditional
 
     def calculate_adaptive_weight(self, nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
-        """λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight (detached)."""
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
+        """λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, 1e4], × disc_weight (detached; official name)."""
+        return adaptive_weight(nll_loss, g_loss, last_layer) * self.discriminator_weight
 
     def _disc_input(self, x: Tensor, cond: Tensor | None) -> Tensor:
         if (cond is not None) != self.disc_conditional:
@@ -390,26 +384,7 @@ class VQLPIPSWithDiscriminator(PatchGANLoss):
             f"{split}/rec_loss": rec.detach().mean(),
             f"{split}/p_loss": p_loss.detach().mean(),
             f"{split}/d_weight": d_weight.detach(),
-            f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+            f"{split}/disc_factor": torch.full((), float(disc_factor), device=loss.device),
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, log
-
-    def forward(
-        self,
-        codebook_loss: Tensor,
-        inputs: Tensor,
-        reconstructions: Tensor,
-        optimizer_idx: int,
-        global_step: int,
-        last_layer: Tensor | None = None,
-        cond: Tensor | None = None,
-        split: str = "train",
-    ) -> tuple[Any, dict[str, Tensor]]:
-        """The official calling convention (optimizer_idx 0: generator, 1: discriminator)."""
-        if optimizer_idx == 0:
-            return self.generator_loss(codebook_loss, inputs, reconstructions, global_step, last_layer, cond, split)
-        if optimizer_idx == 1:
-            loss, log = self.discriminator_loss(inputs, reconstructions, global_step, split, cond=cond)
-            return (loss if loss is not None else torch.zeros((), device=inputs.device)), log
-        raise ValueError(f"optimizer_idx must be 0 or 1, got {optimizer_idx}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencore.attention import KVCache, attention
+from gencore.modules import check_index_range
 
 __all__ = ["GPT", "GPT_PRESETS", "Block", "CausalSelfAttention", "gpt_from_preset"]
 
@@ -236,11 +237,8 @@ class GPT(nn.Module):
         if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"GPT: idx must be a long tensor of shape (B, T), got {got}")
-        if idx.numel() > 0:
-            lo, hi = int(idx.min()), int(idx.max())
-            bad = lo if lo < 0 else hi
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"GPT: token id {bad} is outside [0, vocab_size={self.vocab_size})")
+        # ValueError on the CPU; an asynchronous device assertion on an accelerator (no host sync per forward)
+        check_index_range(idx, self.vocab_size, f"GPT: token ids (vocab_size={self.vocab_size})")
         n_emb = 0
         if embeddings is not None:
             if embeddings.dim() != 3 or embeddings.shape[0] != idx.shape[0] or embeddings.shape[2] != self.n_embd:

@@ -29,10 +29,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from gencore.modules import check_index_range, on_accelerator
+
 __all__ = [
     "GumbelQuantize",
     "LambdaWarmUpCosineScheduler",
     "VectorQuantizer",
+    "code_counts",
     "codebook_usage",
     "perplexity_of",
 ]
@@ -44,12 +47,16 @@ RemapSpec = str | os.PathLike | np.ndarray | Tensor | Sequence[int] | None
 
 
 def _check_indices(indices: Tensor, size: int, what: str) -> None:
-    """ValueError naming the offending ids when ``indices`` is not an integer tensor inside [0, size)."""
+    """ValueError naming the offending ids when ``indices`` is not an integer tensor inside [0, size); on an
+    accelerator the range check is an asynchronous device assertion (:func:`gencore.modules.check_index_range`)."""
     if not isinstance(indices, Tensor):
         raise ValueError(f"{what} must be a tensor, got {type(indices).__name__}")
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
         raise ValueError(f"{what} must be an integer tensor, got dtype {indices.dtype}")
     if indices.numel() == 0:
+        return
+    if on_accelerator(indices):
+        check_index_range(indices, size, what)
         return
     bad = (indices < 0) | (indices >= size)
     if bool(bad.any()):
@@ -57,10 +64,17 @@ def _check_indices(indices: Tensor, size: int, what: str) -> None:
         raise ValueError(f"{what} out of range: ids {ids} are not in [0, {size}) (codebook size {size})")
 
 
+def code_counts(indices: Tensor, n: int) -> Tensor:
+    """How often each of ``n`` codes occurs in ``indices`` (long (n,), on their device): ``index_add_``, which,
+    unlike ``bincount``, needs no host sync to size its output."""
+    flat = indices.reshape(-1).long()
+    return torch.zeros(n, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def perplexity_of(indices: Tensor, n: int) -> Tensor:
     """exp(entropy) of the empirical code distribution of ``indices`` (a 0-d float tensor, no gradient)."""
     with torch.no_grad():
-        counts = torch.bincount(indices.reshape(-1).long(), minlength=n).float()
+        counts = code_counts(indices, n).float()
         p = counts / counts.sum().clamp_min(1.0)
         return torch.exp(-(p * torch.log(p + 1e-10)).sum())
 
@@ -169,14 +183,18 @@ class _Remap(nn.Module):
         if self.remap is None:
             raise ValueError("remap_to_used needs a quantiser built with remap=...")
         _check_indices(inds, self._lut.numel(), "remap_to_used: indices")
+        return self._remap(inds)
+
+    def _remap(self, inds: Tensor) -> Tensor:
+        """:meth:`remap_to_used` of indices known to be in range (the quantiser's own picks): no host sync, so a
+        random replacement is drawn for every position and kept where the code is unknown."""
         new = self._lut.to(inds.device)[inds.long()]
         unknown = new < 0
-        if bool(unknown.any()):
-            if self.unknown_index == "random":
-                new[unknown] = torch.randint(0, self.re_embed, (int(unknown.sum()),), device=new.device)
-            else:
-                new[unknown] = int(self.unknown_index)
-        return new
+        if self.unknown_index == "random":
+            fill = torch.randint(0, self.re_embed, new.shape, device=new.device)
+        else:
+            fill = torch.full_like(new, int(self.unknown_index))
+        return torch.where(unknown, fill, new)
 
     def unmap_to_all(self, inds: Tensor) -> Tensor:
         """Positions in ``used`` -> full codebook indices (the extra index maps to ``used[0]``, as officially)."""
@@ -203,11 +221,16 @@ class VectorQuantizer(_Remap):
     codebook term; ``legacy=False`` gives the paper's form ``mean((z_q − sg[z])²) + β·mean((sg[z_q] − z)²)``.
 
     ``restart_unused_after=N`` (not in the official code; 0 = off, the default) fights codebook collapse, the usual
-    complaint with VQGAN (a few percent of the codes in use): in training, a code that no input in N consecutive
-    forward passes picked is moved onto a random encoder output of the current batch (the dead-code restart of
-    Jukebox / SoundStream). Under DDP the usage counts are summed over processes and the new codes come from rank 0,
-    so every replica keeps the same codebook. The counters are not saved (a resumed run waits N passes again), so
-    the state dict is the official one either way. ``restarts`` counts the codes moved so far.
+    complaint with VQGAN (a few percent of the codes in use): in training, every N-th forward pass moves each code
+    that no input picked in the last N (or more) consecutive passes onto a random encoder output of the current batch
+    (the dead-code restart of Jukebox / SoundStream). Nothing waits for the device: picks are counted on it every
+    pass, and the restart replaces every code's row by ``where(dead, candidate, row)`` instead of selecting the dead
+    ones on the host; restarting every N passes rather than in every pass keeps the DDP exchange of candidate codes
+    to one per N passes (a code is therefore moved after N to 2N - 1 unused passes). Under DDP the usage counts are
+    summed over processes and the new codes come from rank 0, so every replica keeps the same codebook. The counters
+    are not saved (a resumed run waits N passes again), so the state dict is the official one either way.
+    ``restart_count`` (a 0-d device tensor) counts the codes moved so far, ``restarts`` is the same as an int (a
+    read from the device: for logs and tests, not for the training step).
     """
 
     def __init__(
@@ -234,12 +257,18 @@ class VectorQuantizer(_Remap):
         self._init_remap(remap, unknown_index, n_e)
         self.sane_index_shape = sane_index_shape
         self.restart_unused_after = int(restart_unused_after)
-        self.restarts = 0
+        self._passes = 0  # training passes counted since construction (host side: the restart cadence)
         self.register_buffer("unused_for", torch.zeros(n_e, dtype=torch.long), persistent=False)
+        self.register_buffer("restart_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def codebook_size(self) -> int:
         return self.n_e
+
+    @property
+    def restarts(self) -> int:
+        """Codes moved by dead-code restarts so far (reads :attr:`restart_count` from the device)."""
+        return int(self.restart_count)
 
     def nearest(self, z_flat: Tensor) -> Tensor:
         """Index of the nearest code for each row of ``z_flat`` (N, e_dim), via ‖z‖² + ‖e‖² − 2 z·e."""
@@ -266,7 +295,7 @@ class VectorQuantizer(_Remap):
             self.restart_dead_codes(z.reshape(-1, self.e_dim), idx)
 
         if self.remap is not None:
-            idx = self.remap_to_used(idx)
+            idx = self._remap(idx)
         if self.sane_index_shape:
             idx = idx.reshape(b, h, w)
         return z_q, loss, (perplexity, None, idx)
@@ -275,25 +304,29 @@ class VectorQuantizer(_Remap):
         return self.embedding
 
     @torch.no_grad()
-    def restart_dead_codes(self, z_flat: Tensor, idx: Tensor) -> int:
-        """Count this pass's picks ``idx`` (N,) and move the codes unused for ``restart_unused_after`` passes onto
-        random rows of ``z_flat`` (N, e_dim); returns how many moved."""
-        counts = torch.bincount(idx, minlength=self.n_e)
+    def restart_dead_codes(self, z_flat: Tensor, idx: Tensor) -> Tensor:
+        """Count this pass's picks ``idx`` (N,); on every ``restart_unused_after``-th pass move the codes unused for
+        at least that many passes onto random rows of ``z_flat`` (N, e_dim). Returns how many moved (a 0-d device
+        tensor; 0 between restart passes). No host sync (see the class docstring)."""
+        counts = code_counts(idx, self.n_e)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed:
             torch.distributed.all_reduce(counts)
         self.unused_for.add_(1).masked_fill_(counts > 0, 0)
-        dead = (self.unused_for >= self.restart_unused_after).nonzero().squeeze(1)
-        if not dead.numel():
-            return 0
-        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
-        new = z_flat.detach()[pick].to(self.embedding.weight.dtype).contiguous()
+        self._passes += 1
+        if self._passes % self.restart_unused_after:
+            return torch.zeros((), dtype=torch.long, device=idx.device)
+        dead = self.unused_for >= self.restart_unused_after  # (n_e,) bool, on the device
+        pick = torch.randint(0, z_flat.shape[0], (self.n_e,), device=z_flat.device)  # a candidate row for every code
+        candidates = z_flat.detach()[pick].to(self.embedding.weight.dtype).contiguous()  # (n_e, e_dim)
         if distributed:
-            torch.distributed.broadcast(new, src=0)
-        self.embedding.weight.data[dead] = new
-        self.unused_for[dead] = 0
-        self.restarts += int(dead.numel())
-        return int(dead.numel())
+            torch.distributed.broadcast(candidates, src=0)
+        weight = self.embedding.weight.data
+        weight.copy_(torch.where(dead[:, None], candidates, weight))
+        self.unused_for.masked_fill_(dead, 0)
+        moved = dead.sum()
+        self.restart_count.add_(moved)
+        return moved
 
 
 # ------------------------------------------------------------------------------------------- Gumbel softmax
@@ -365,7 +398,7 @@ class GumbelQuantize(_Remap):
         idx = one_hot.argmax(dim=1)  # (B, H, W)
         perplexity = perplexity_of(idx, self.n_embed)
         if self.remap is not None:
-            idx = self.remap_to_used(idx)
+            idx = self._remap(idx)
         if return_logits:
             return z_q, loss, (perplexity, None, idx), logits
         return z_q, loss, (perplexity, None, idx)
