@@ -16,9 +16,10 @@ import torch
 from _harness import append_results, count_flops, matmul_rate, row, timeit
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from gencore.diffusion import ddim_timesteps
 from gencore.testing import randomize_parameters
 from ldm.diffusion import DiffusionSchedule
-from ldm.sampling import ddim_sample, ddim_timesteps
+from ldm.sampling import ddim_sample
 
 UNET_CONFIG = dict(
     sample_size=32,
@@ -58,7 +59,7 @@ def main() -> None:
         return 0.1 * x
 
     def ours(denoise) -> torch.Tensor:
-        return ddim_sample(denoise, x_T, schedule, STEPS)
+        return ddim_sample(denoise, x_T, schedule, ddim_timesteps(STEPS))
 
     def ref(denoise) -> torch.Tensor:
         scheduler.set_timesteps(STEPS)

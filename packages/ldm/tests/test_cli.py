@@ -80,7 +80,7 @@ def ldm_run(autoencoder, tmp_path_factory):
                 "trainer.max_steps=40",
                 "+module.unet.model_channels=32",
                 "+module.unet.num_head_channels=16",
-                "module.sample.steps=4",
+                "module.sample.num_steps=4",
                 "callbacks.images.every_n_steps=40",
                 *QUICK,
             ],
@@ -93,7 +93,7 @@ def test_latent_diffusion_trains_and_the_console_script_samples(ldm_run, tmp_pat
     out, res = ldm_run
     losses = logged_values(out, "train/loss")
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    assert float(res.module.scale_factor) != 1.0  # scale_by_std ran on the first batch
+    assert res.module.latent_norm.ready and float(res.module.scale_factor) != 1.0  # scale_by_std ran on batch 1
     assert (out / "images" / "samples" / "step_0000040.png").is_file()
     exe = Path(sys.executable).parent / "ldm-sample"
     proc = subprocess.run(
@@ -103,7 +103,7 @@ def test_latent_diffusion_trains_and_the_console_script_samples(ldm_run, tmp_pat
             f"out_dir={tmp_path / 's'}",
             "num_samples=6",
             "batch_size=3",
-            "sample.steps=4",
+            "sample.num_steps=4",
             "sample.guidance_scale=2.0",
             "sample.labels=[7,8,9]",
         ],
@@ -121,7 +121,7 @@ def test_latent_diffusion_trains_and_the_console_script_samples(ldm_run, tmp_pat
             "batch_size": 10,
             "seed": 0,
             "out_dir": str(tmp_path / "e"),
-            "sample": {"steps": 4},
+            "sample": {"num_steps": 4},
         }
     )
     assert {"fid", "class_accuracy", "seconds_per_image"} <= set(metrics)
@@ -133,7 +133,7 @@ def test_latent_diffusion_trains_and_the_console_script_samples(ldm_run, tmp_pat
             "batch_size": 4,
             "seed": 0,
             "out_dir": str(tmp_path / "i"),
-            "sample": {"steps": 4},
+            "sample": {"num_steps": 4},
         }
     )
     assert json.loads((masked / "metrics.json").read_text())["outside_changed"] == 0.0
@@ -172,7 +172,7 @@ def test_superres_model_end_to_end(autoencoder, tmp_path):
                 "trainer.max_steps=10",
                 "+module.unet.model_channels=32",
                 "+module.unet.num_head_channels=16",
-                "module.sample.steps=4",
+                "module.sample.num_steps=4",
                 "callbacks.images.every_n_steps=10",
                 *QUICK,
             ],
@@ -186,7 +186,7 @@ def test_superres_model_end_to_end(autoencoder, tmp_path):
             "batch_size": 4,
             "seed": 0,
             "out_dir": str(tmp_path / "o"),
-            "sample": {"steps": 4},
+            "sample": {"num_steps": 4},
         }
     )
     m = json.loads((out / "metrics.json").read_text())

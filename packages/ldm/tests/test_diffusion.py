@@ -1,4 +1,5 @@
-"""ldm.diffusion: schedules (official values, diffusers parity), forward process, conversions, loss, CFG dropout."""
+"""ldm.diffusion and ldm.losses.DiffusionLoss: schedules (official values, diffusers parity), forward process,
+conversions, the loss and its per-timestep buckets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ldm.diffusion import DiffusionLoss, DiffusionSchedule, drop_condition, make_beta_schedule
+from gencore.diffusion import LossBuckets
+from ldm.diffusion import DiffusionSchedule, make_beta_schedule
+from ldm.losses import DiffusionLoss
 
 SD = dict(linear_start=0.00085, linear_end=0.012)
 
@@ -179,22 +182,31 @@ def test_loss_l1_and_elbo_term(sched):
     torch.testing.assert_close(l1, (_model(xt, t) - noise).abs().mean())
 
 
-def test_loss_samples_t_uniformly_and_logs_buckets(sched):
+def test_loss_samples_t_uniformly_and_fills_the_timestep_buckets(sched):
     fn = DiffusionLoss(sched)
     t = fn.sample_t(20000, "cpu", torch.Generator().manual_seed(5))
     assert t.dtype == torch.long and t.min().item() == 0 and t.max().item() == 999
     assert t.float().mean().item() == pytest.approx(499.5, abs=8)
     x0 = torch.randn(4, 1, 2, 2)
-    _, log = fn(_model, x0, t=torch.tensor([0, 99, 150, 999]), noise=torch.zeros_like(x0))
-    buckets = {k: v for k, v in log.items() if k.startswith("loss_simple_t/")}
-    assert sorted(buckets) == ["loss_simple_t/000-099", "loss_simple_t/100-199", "loss_simple_t/900-999"]
-    xt = sched.q_sample(x0, torch.tensor([0, 99, 150, 999]), torch.zeros_like(x0))
-    per = (_model(xt, torch.tensor([0, 99, 150, 999])) ** 2).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(buckets["loss_simple_t/000-099"], per[:2].mean())
-    torch.testing.assert_close(buckets["loss_simple_t/900-999"], per[3])
+    ts = torch.tensor([0, 99, 150, 999])
+    buckets = LossBuckets(10, prefix="loss_simple_t", num_train_timesteps=1000)
+    _, log = fn(_model, x0, t=ts, noise=torch.zeros_like(x0), buckets=buckets)
+    assert set(log) == {"loss", "loss_simple", "loss_vlb"}  # the bins are the buckets' business
+    means = buckets.compute()
+    assert sorted(means) == ["loss_simple_t/000-099", "loss_simple_t/100-199", "loss_simple_t/900-999"]
+    xt = sched.q_sample(x0, ts, torch.zeros_like(x0))
+    per = (_model(xt, ts) ** 2).mean(dim=(1, 2, 3))
+    assert means["loss_simple_t/000-099"] == pytest.approx(per[:2].mean().item(), rel=1e-6)
+    assert means["loss_simple_t/900-999"] == pytest.approx(per[3].item(), rel=1e-6)
+    # every t lands in bin t * n // T (the bins the names state), for T and n that do not divide each other too
+    for big_t, n in ((1000, 10), (999, 7), (50, 4)):
+        small = DiffusionSchedule("linear", big_t)
+        b = LossBuckets(n, num_train_timesteps=big_t)
+        all_t = torch.arange(big_t)
+        DiffusionLoss(small)(_model, torch.zeros(big_t, 1, 1, 1), t=all_t, buckets=b)
+        assert torch.equal(b._counts, torch.bincount(all_t * n // big_t, minlength=n).float())
     loss, log = fn(_model, x0, generator=torch.Generator().manual_seed(0))  # random t and noise
     assert loss.ndim == 0 and torch.isfinite(loss)
-    assert "loss_simple_t/000-099" not in DiffusionLoss(sched, n_buckets=0)(_model, x0, t=torch.zeros(4).long())[1]
 
 
 def test_loss_passes_condition_and_backprops(sched):
@@ -218,92 +230,17 @@ def test_loss_passes_condition_and_backprops(sched):
     assert seen["ctx"].shape == (2, 3, 4) and seen["y"] is c
 
 
-# --- classifier-free conditioning dropout ---------------------------------------------------------------------------
-def _recorder():
-    seen = {}
-
-    def model(x, t, *args, **kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
-        return x
-
-    return model, seen
-
-
-def test_p_uncond_zero_keeps_and_one_replaces_tensor(sched):
-    model, seen = _recorder()
-    ctx = torch.randn(3, 5, 8)
-    null = torch.zeros(1, 5, 8)
-    DiffusionLoss(sched, p_uncond=0.0)(model, torch.randn(3, 1, 2, 2), ctx, uncond=null)
-    assert seen["args"][0] is ctx
-    DiffusionLoss(sched, p_uncond=1.0)(model, torch.randn(3, 1, 2, 2), ctx, uncond=null)
-    torch.testing.assert_close(seen["args"][0], torch.zeros(3, 5, 8))
-    DiffusionLoss(sched, p_uncond=1.0)(model, torch.randn(3, 1, 2, 2), ctx, uncond=torch.ones(5, 8))  # no batch dim
-    torch.testing.assert_close(seen["args"][0], torch.ones(3, 5, 8))
-    labels = torch.tensor([3, 7, 9])
-    DiffusionLoss(sched, p_uncond=1.0)(model, torch.randn(3, 1, 2, 2), labels, uncond=1000)  # null class
-    assert seen["args"][0].tolist() == [1000, 1000, 1000] and seen["args"][0].dtype == torch.long
-
-
-def test_p_uncond_fraction_and_rows():
-    g = torch.Generator().manual_seed(6)
-    c = torch.arange(1, 4001).float().view(4000, 1)
-    out = drop_condition(c, torch.zeros(1), 0.3, 4000, generator=g)
-    dropped = out[:, 0] == 0
-    assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.03)
-    torch.testing.assert_close(out[~dropped], c[~dropped])
-
-
-def test_p_uncond_dict_replaces_only_given_keys():
-    b = 64
-    cond = {
-        "c_crossattn": torch.randn(b, 4, 8),
-        "c_concat": torch.randn(b, 3, 2, 2),
-        "y": torch.arange(b),
-    }
-    uncond = {"c_crossattn": torch.zeros(1, 4, 8), "y": torch.tensor(1000)}
-    out = drop_condition(cond, uncond, 1.0, b)
-    assert out["c_concat"] is cond["c_concat"]
-    assert (out["c_crossattn"] == 0).all() and (out["y"] == 1000).all()
-    assert cond["y"][0].item() == 0  # the input dict is not modified
-    # a float p drops all given keys of a sample together
-    out = drop_condition(cond, uncond, 0.5, b, generator=torch.Generator().manual_seed(7))
-    rows_y = out["y"] == 1000
-    rows_ctx = (out["c_crossattn"] == 0).flatten(1).all(1)
-    assert 0 < rows_y.sum() < b and torch.equal(rows_y, rows_ctx)
-    # a dict p drops keys independently
-    out = drop_condition(cond, uncond, {"y": 1.0, "c_crossattn": 0.0}, b)
-    assert (out["y"] == 1000).all() and torch.equal(out["c_crossattn"], cond["c_crossattn"])
-    # lists of tensors (the official c_crossattn format)
-    out = drop_condition({"c_crossattn": [torch.ones(2, 3)]}, {"c_crossattn": [torch.zeros(3)]}, 1.0, 2)
-    assert isinstance(out["c_crossattn"], list) and (out["c_crossattn"][0] == 0).all()
-
-
-def test_p_uncond_dict_through_the_loss(sched):
-    model, seen = _recorder()
-    cond = {"c_crossattn": torch.randn(2, 4, 8), "c_concat": torch.randn(2, 1, 2, 2)}
-    DiffusionLoss(sched, p_uncond=1.0)(model, torch.randn(2, 1, 2, 2), cond, uncond={"c_crossattn": torch.zeros(4, 8)})
-    assert (seen["kwargs"]["c_crossattn"] == 0).all() and seen["kwargs"]["c_concat"] is cond["c_concat"]
-
-
 def test_loss_bad_inputs_raise(sched):
     x0 = torch.randn(2, 1, 2, 2)
     with pytest.raises(ValueError, match="'mu'"):
         DiffusionLoss(sched, parameterization="mu")
     with pytest.raises(ValueError, match="'l3'"):
         DiffusionLoss(sched, loss_type="l3")
-    with pytest.raises(ValueError, match="p_uncond=1.5"):
-        DiffusionLoss(sched, p_uncond=1.5)
-    with pytest.raises(ValueError, match="uncond=None"):
-        DiffusionLoss(sched, p_uncond=0.1)(_model, x0, torch.zeros(2))
-    with pytest.raises(ValueError, match="cond=None"):
-        DiffusionLoss(sched, p_uncond=0.1)(_model, x0, uncond=torch.zeros(1))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        drop_condition(torch.zeros(2, 3), torch.zeros(4), 1.0, 2)
-    with pytest.raises(ValueError, match="dict uncond"):
-        drop_condition(torch.zeros(2, 3), {"y": torch.zeros(1)}, 1.0, 2)
-    with pytest.raises(ValueError, match="'txt'"):
-        drop_condition({"y": torch.zeros(2)}, {"txt": torch.zeros(1)}, 1.0, 2)
-    with pytest.raises(ValueError, match="t must lie"):
+    with pytest.raises(ValueError, match=r"t: index 1000 is outside \[0, 1000\)"):
         DiffusionLoss(sched)(_model, x0, t=torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match=r"t: index -1 is outside"):
+        DiffusionLoss(sched)(_model, x0, t=torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        DiffusionLoss(sched)(_model, x0, t=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="noise shape"):
         DiffusionLoss(sched)(_model, x0, noise=torch.zeros(2, 1, 2, 3))

@@ -6,9 +6,11 @@ from omegaconf import OmegaConf
 
 from gencore.io import CheckpointKeyError
 from gencore.testing import randomize_parameters, tiny_clip
+from ldm.conditioning import ClassConditioner, SemanticConditioner, TextConditioner
 from ldm.convert import load_ldm
+from ldm.first_stage import KLCodec
 from ldm.lit import LatentDiffusion
-from ldm.models.autoencoder import AUTOENCODER_PRESETS, KLCodec, build_autoencoder
+from ldm.models.autoencoder import AUTOENCODER_PRESETS, build_autoencoder
 from ldm.models.unet import UNET_PRESETS, unet_from_preset
 
 SCHEDULE_NAMES = (
@@ -35,6 +37,10 @@ def official_layout(module: LatentDiffusion, ema_offset: float | None = None) ->
             out["first_stage_model." + k[len("first_stage_model.model.") :]] = v
         elif k.startswith("schedule."):
             out[k[len("schedule.") :]] = v
+        elif k.startswith("cond_stage_model.encoder."):  # FrozenCLIPEmbedder is the cond_stage_model itself
+            out["cond_stage_model." + k[len("cond_stage_model.encoder.") :]] = v
+        elif k == "latent_norm.scale":
+            out["scale_factor"] = v
         else:
             out[k] = v
     out["first_stage_model.loss.logvar"] = torch.zeros(())  # training-only entries of the first stage
@@ -71,29 +77,28 @@ def yaml_for(cond_stage: dict | str, *, unet: dict, conditioning_key="crossattn"
     }
 
 
-def build(cond: str, **kw) -> LatentDiffusion:
+def build(conditioner, context: int) -> LatentDiffusion:
     torch.manual_seed(0)
-    context = {"class": 16, "text": 32}[cond]
     unet = unet_from_preset("tiny", context_dim=context)
     m = LatentDiffusion(
         unet,
         KLCodec(build_autoencoder("tiny")),
+        conditioner,
         image_size=32,
-        cond_stage=cond,
         schedule={"linear_start": 0.00085, "linear_end": 0.012},
         scale_factor=0.18215,
-        **kw,
     )
     randomize_parameters(m.model, seed=1, std=0.02)
     randomize_parameters(m.first_stage_model, seed=2, std=0.02)
-    if m.cond_stage_model is not None:
-        randomize_parameters(m.cond_stage_model, seed=3, std=0.02)
+    randomize_parameters(m.cond_stage_model, seed=3, std=0.02)
     return m.eval()
 
 
 def test_class_conditional_checkpoint_with_ema(tmp_path):
-    src = build("class", num_classes=11, null_class=False)
-    torch.save({"state_dict": official_layout(src, ema_offset=0.01), "global_step": 100}, tmp_path / "model.ckpt")
+    src = build(ClassConditioner(11, null_class=False), 16)
+    state = official_layout(src, ema_offset=0.01)
+    assert "scale_factor" in state and "cond_stage_model.embedding.weight" in state  # the official names
+    torch.save({"state_dict": state, "global_step": 100}, tmp_path / "model.ckpt")
     cfg = yaml_for(
         {
             "target": "ldm.modules.encoders.modules.ClassEmbedder",
@@ -105,8 +110,9 @@ def test_class_conditional_checkpoint_with_ema(tmp_path):
     loaded = load_ldm(tmp_path / "model.ckpt", config=tmp_path / "config.yaml")
     x = torch.rand(2, 4, 8, 8)
     t = torch.tensor([10, 900])
-    c = {"c_crossattn": src.cond_stage_model(torch.tensor([3, 10]))}
+    c = src.conditions({"label": torch.tensor([3, 10])})
     torch.testing.assert_close(loaded.denoise(x, t, **c), src.denoise(x, t, **c))
+    assert isinstance(loaded.cond_stage_model, ClassConditioner) and not loaded.cond_stage_model.null_class
     torch.testing.assert_close(loaded.cond_stage_model.embedding.weight, src.cond_stage_model.embedding.weight)
     img = torch.rand(1, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(loaded.encode(img), src.encode(img))
@@ -124,9 +130,9 @@ def test_class_conditional_checkpoint_with_ema(tmp_path):
 
 def test_sd_style_text_checkpoint_needs_and_uses_a_local_clip(tmp_path):
     clip_dir = tiny_clip(tmp_path / "clip", hidden_size=32)
-    src = build("text", text_encoder={"path": clip_dir, "projection": False, "max_length": 77})
+    src = build(TextConditioner(clip_dir, projection=False, max_length=77), 32)
     with torch.no_grad():  # the checkpoint's text weights differ from the folder's: they must win
-        tm = src.cond_stage_model.transformer
+        tm = src.cond_stage_model.encoder.transformer
         getattr(tm, "text_model", tm).final_layer_norm.weight.add_(0.5)
     state = official_layout(src)
     # the SD v1 names (transformers 4.x: CLIPTextModel.text_model.*), and a buffer older files carry
@@ -144,13 +150,13 @@ def test_sd_style_text_checkpoint_needs_and_uses_a_local_clip(tmp_path):
     with pytest.raises(ValueError, match="pass clip_path"):
         load_ldm(tmp_path / "sd.ckpt", config=cfg)
     loaded = load_ldm(tmp_path / "sd.ckpt", config=cfg, clip_path=clip_dir)
-    prompts = ["a photo of a bag", ""]
-    torch.testing.assert_close(loaded.cond_stage_model.encode(prompts), src.cond_stage_model.encode(prompts))
-    assert loaded.cond_kind == "text" and loaded.model.conditioning_key == "crossattn"
+    prompts = {"caption": ["a photo of a bag", ""]}
+    torch.testing.assert_close(loaded.conditions(prompts)["c_crossattn"], src.conditions(prompts)["c_crossattn"])
+    assert isinstance(loaded.cond_stage_model, TextConditioner) and loaded.model.conditioning_key == "crossattn"
 
 
 def test_schedule_mismatch_is_refused(tmp_path):
-    src = build("class", num_classes=11, null_class=False)
+    src = build(ClassConditioner(11, null_class=False), 16)
     state = official_layout(src)
     state["alphas_cumprod"] = state["alphas_cumprod"] * 0.9
     torch.save({"state_dict": state}, tmp_path / "m.ckpt")
@@ -168,9 +174,8 @@ def test_semantic_synthesis_checkpoint(tmp_path):
     src = LatentDiffusion(
         unet_from_preset("tiny", **{k: v for k, v in unet_kw.items() if k != "image_size"}),
         KLCodec(build_autoencoder("tiny")),
+        SemanticConditioner(n_stages=2, in_channels=5, out_channels=3),
         image_size=32,
-        concat="semantic",
-        semantic={"n_stages": 2, "in_channels": 5, "out_channels": 3},
         schedule={"linear_start": 0.00085, "linear_end": 0.012},
         scale_factor=0.18215,
     )
@@ -186,7 +191,7 @@ def test_semantic_synthesis_checkpoint(tmp_path):
     )
     cfg["model"]["params"]["cond_stage_key"] = "segmentation"
     loaded = load_ldm(tmp_path / "sem.ckpt", config=cfg)
-    assert loaded.concat == "semantic"
+    assert isinstance(loaded.cond_stage_model, SemanticConditioner) and loaded.model.conditioning_key == "concat"
     torch.testing.assert_close(
         loaded.cond_stage_model.channel_mapper.weight, src.cond_stage_model.channel_mapper.weight
     )

@@ -1,4 +1,5 @@
-"""ldm.sampling: DDIM / PLMS / DDPM against closed forms, diffusers schedulers and an analytic Gaussian denoiser."""
+"""ldm.sampling: DDIM / PLMS / DDPM against closed forms, diffusers schedulers and an analytic Gaussian denoiser, over
+the official step grid (gencore.diffusion.ddim_timesteps) and gencore's classifier-free-guidance wrapper."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
+from gencore.diffusion import classifier_free_guidance, ddim_timesteps
 from ldm.diffusion import DiffusionSchedule
-from ldm.sampling import classifier_free_guidance, ddim_sample, ddim_timesteps, ddpm_sample, plms_sample
+from ldm.sampling import ddim_sample, ddpm_sample, plms_sample
 
 MU, STD = 1.5, 0.5  # data distribution N(MU, STD^2) per element
 
@@ -100,7 +102,7 @@ def test_ddim_timesteps_official_spacing():
 
 
 def test_ddim_timesteps_errors():
-    with pytest.raises(ValueError, match=r"num_steps=1001.*num_train=1000"):
+    with pytest.raises(ValueError, match=r"num_steps=1001 exceeds .* 1000"):
         ddim_timesteps(1001, 1000)
     with pytest.raises(ValueError, match="t=1000"):  # stride 1 + offset 1 leaves the schedule (official IndexError)
         ddim_timesteps(600)
@@ -113,9 +115,31 @@ def test_ddim_timesteps_errors():
 
 
 # --- DDIM -----------------------------------------------------------------------------------------------------------
+def test_samplers_step_through_any_given_grid(sched):
+    """k-diffusion style: the grid is an argument; DDIM visits it from the top, PLMS too (its first step looks ahead
+    to the next timestep), and a one-step grid goes from t straight to abar_0."""
+    grid = [3, 250, 610, 977]
+    seen, calls = [], []
+    den = nonlinear_denoiser(sched)
+
+    def recorded(x, t):
+        calls.append(int(t[0]))
+        return den(x, t)
+
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(12))
+    ddim_sample(recorded, x, sched, grid, callback=seen.append)
+    assert [s["t"] for s in seen] == grid[::-1] and calls == grid[::-1]
+    calls.clear()
+    plms_sample(recorded, x, sched, torch.tensor(grid))  # any iterable of ints
+    assert calls == [977, 610, 610, 250, 3]
+    a, a0 = sched.alphas_cumprod.double()[500], sched.alphas_cumprod.double()[0]
+    one = ddim_sample(lambda x, t: torch.zeros_like(x), x, sched, [500])
+    torch.testing.assert_close(one.double(), (a0 / a).sqrt() * x.double())
+
+
 def test_ddim_last_alpha_prev_is_alphas_cumprod_0(sched):
     x = torch.randn(2, 1, 3, 3)
-    out = ddim_sample(lambda x, t: torch.zeros_like(x), x, sched, 1)  # one step at t = 1, eps = 0
+    out = ddim_sample(lambda x, t: torch.zeros_like(x), x, sched, [1])  # one step at t = 1, eps = 0
     ac = sched.alphas_cumprod.double()
     torch.testing.assert_close(out, (ac[0] / ac[1]).sqrt().float() * x)  # a_prev = abar_0, not 1
 
@@ -125,7 +149,7 @@ def test_ddim_eta0_step_equals_closed_form(sched):
     x = torch.randn(2, 3, 4, 4, generator=g)
     den = nonlinear_denoiser(sched)
     steps = []
-    ddim_sample(den, x, sched, 5, callback=steps.append)
+    ddim_sample(den, x, sched, ddim_timesteps(5), callback=steps.append)
     assert [s["t"] for s in steps] == [801, 601, 401, 201, 1] and steps[0]["i"] == 0
     a, ap = sched.alphas_cumprod[801].double(), sched.alphas_cumprod[601].double()
     eps = den(x, torch.full((2,), 801)).double()
@@ -143,7 +167,13 @@ def test_ddim_matches_diffusers_ddim_scheduler(sched, eta, parameterization):
 
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     ours = ddim_sample(
-        den, x, sched, 20, eta=eta, parameterization=parameterization, generator=torch.Generator().manual_seed(1)
+        den,
+        x,
+        sched,
+        ddim_timesteps(20),
+        eta=eta,
+        parameterization=parameterization,
+        generator=torch.Generator().manual_seed(1),
     )
     prediction_type = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[parameterization]
     ref = DDIMScheduler(
@@ -165,7 +195,9 @@ def test_ddim_matches_diffusers_ddim_scheduler(sched, eta, parameterization):
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 def test_ddim_gaussian_data_statistics(sched, parameterization):
     x_T = marginal(sched, 981, 32000)
-    x = ddim_sample(gaussian_denoiser(sched, parameterization), x_T, sched, 50, parameterization=parameterization)
+    x = ddim_sample(
+        gaussian_denoiser(sched, parameterization), x_T, sched, ddim_timesteps(50), parameterization=parameterization
+    )
     assert_final_stats(sched, x, ddim_chain_std(sched, 50))  # 0.4775: 4.5% under the limit 0.5006 at 50 steps
 
 
@@ -175,7 +207,7 @@ def test_ddim_eta1_gaussian_statistics_and_intermediates(sched):
         gaussian_denoiser(sched),
         x_T,
         sched,
-        50,
+        ddim_timesteps(50),
         eta=1.0,
         generator=torch.Generator().manual_seed(3),
         return_intermediates=True,
@@ -188,7 +220,12 @@ def test_ddim_eta1_gaussian_statistics_and_intermediates(sched):
 def test_ddim_quantize_x0_is_applied_to_pred_x0(sched):
     seen = []
     ddim_sample(
-        gaussian_denoiser(sched), torch.randn(1, 1, 4, 4), sched, 4, quantize_x0=torch.round, callback=seen.append
+        gaussian_denoiser(sched),
+        torch.randn(1, 1, 4, 4),
+        sched,
+        ddim_timesteps(4),
+        quantize_x0=torch.round,
+        callback=seen.append,
     )
     assert all(torch.equal(s["pred_x0"], s["pred_x0"].round()) for s in seen)
 
@@ -206,7 +243,9 @@ def test_masked_ddim_keeps_known_region(sched):
         inputs.append((x.clone(), int(t[0])))
         return torch.zeros_like(x)
 
-    out = ddim_sample(zero_eps, x_T, sched, 10, x0=x0, mask=mask, generator=torch.Generator().manual_seed(5))
+    out = ddim_sample(
+        zero_eps, x_T, sched, ddim_timesteps(10), x0=x0, mask=mask, generator=torch.Generator().manual_seed(5)
+    )
     known = mask.expand_as(x0).bool()
     # before every step the known region is q_sample(x0, t): (x - sqrt(a) x0) / sqrt(1 - a) ~ N(0, 1)
     for x_in, t in inputs:
@@ -216,7 +255,7 @@ def test_masked_ddim_keeps_known_region(sched):
     # the final x carries x0 at the last noise level (sqrt(abar_0 (1 - abar_1) / abar_1) ~ 0.04 here)
     assert (out[known] - x0[known]).abs().mean().item() < 0.05
     # the unknown region evolves as without a mask (this denoiser is element-wise)
-    free = ddim_sample(lambda x, t: torch.zeros_like(x), x_T, sched, 10)
+    free = ddim_sample(lambda x, t: torch.zeros_like(x), x_T, sched, ddim_timesteps(10))
     torch.testing.assert_close(out[~known], free[~known])
 
 
@@ -226,7 +265,9 @@ def test_masked_plms_and_ddpm_keep_known_region(sched):
     mask = (torch.rand(1, 1, 6, 6, generator=g) > 0.5).float()
     known = mask.expand_as(x0).bool()
     den = gaussian_denoiser(sched)
-    out = plms_sample(den, torch.randn(2, 1, 6, 6, generator=g), sched, 20, x0=x0, mask=mask, generator=g)
+    out = plms_sample(
+        den, torch.randn(2, 1, 6, 6, generator=g), sched, ddim_timesteps(20), x0=x0, mask=mask, generator=g
+    )
     assert (out[known] - x0[known]).abs().mean().item() < 0.1
     out = ddpm_sample(den, torch.randn(2, 1, 6, 6, generator=g), sched, x0=x0, mask=mask, generator=g)
     assert (out[known] - x0[known]).abs().max().item() < 0.15  # q_sample(x0, 0): noise std sqrt(1 - abar_0) = 0.03
@@ -243,7 +284,7 @@ def test_plms_first_step_two_evaluations_then_adams_bashforth(sched):
         return es[len(calls) - 1]
 
     x_T = torch.randn(1, 1, 2, 2, generator=g)
-    out = plms_sample(den, x_T, sched, 5)  # timesteps 801, 601, 401, 201, 1
+    out = plms_sample(den, x_T, sched, ddim_timesteps(5))  # timesteps 801, 601, 401, 201, 1
     ts = ddim_timesteps(5)[::-1]
     assert len(calls) == 6  # S + 1 evaluations
     assert [t for _, t in calls] == [ts[0], ts[1], *ts[1:]]
@@ -268,7 +309,7 @@ def test_plms_first_step_two_evaluations_then_adams_bashforth(sched):
 def test_plms_matches_diffusers_pndm(sched):
     den = nonlinear_denoiser(sched)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(8))
-    ours = plms_sample(den, x, sched, 20)
+    ours = plms_sample(den, x, sched, ddim_timesteps(20))
     ref = PNDMScheduler(
         trained_betas=sched.betas.double().numpy(),
         set_alpha_to_one=False,
@@ -289,7 +330,7 @@ def test_plms_gaussian_data_statistics(sched, parameterization):
         gaussian_denoiser(sched, parameterization),
         marginal(sched, 981, 32000),
         sched,
-        50,
+        ddim_timesteps(50),
         parameterization=parameterization,
     )
     assert_final_stats(sched, x, None, limit_rel=0.02)  # 4th order: closer to the limit than DDIM at 50 steps
@@ -297,7 +338,7 @@ def test_plms_gaussian_data_statistics(sched, parameterization):
 
 def test_plms_rejects_eta(sched):
     with pytest.raises(ValueError, match="eta=0.5"):
-        plms_sample(gaussian_denoiser(sched), torch.zeros(1, 1, 2, 2), sched, 10, eta=0.5)
+        plms_sample(gaussian_denoiser(sched), torch.zeros(1, 1, 2, 2), sched, ddim_timesteps(10), eta=0.5)
 
 
 # --- DDPM ancestral -------------------------------------------------------------------------------------------------
@@ -360,11 +401,14 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional():
     assert calls[0][0] == 3  # no doubled batch at scale 1
     calls.clear()
     torch.testing.assert_close(classifier_free_guidance(den, 0.0, u)(x, t, c), den(x, t, u.expand(3, 4, 8)))
+    assert calls[0][0] == 3  # scale 0: one call with the unconditional condition only
+    torch.testing.assert_close(calls[0][1], u.expand(3, 4, 8))
+    e_u, e_c = den(x, t, u.expand(3, 4, 8)), den(x, t, c)
+    calls.clear()
+    torch.testing.assert_close(classifier_free_guidance(den, 7.5, u)(x, t, c), e_u + 7.5 * (e_c - e_u))
     assert calls[0][0] == 6  # one call on [uncond, cond]
     torch.testing.assert_close(calls[0][1][:3], u.expand(3, 4, 8))
     torch.testing.assert_close(calls[0][1][3:], c)
-    e_u, e_c = den(x, t, u.expand(3, 4, 8)), den(x, t, c)
-    torch.testing.assert_close(classifier_free_guidance(den, 7.5, u)(x, t, c), e_u + 7.5 * (e_c - e_u))
 
 
 def test_cfg_dict_conditions_share_unlisted_keys():
@@ -391,7 +435,7 @@ def test_cfg_inside_ddim_with_class_labels(sched):
 
     y = torch.tensor([3, 7])
     x = torch.randn(2, 1, 2, 2)
-    out = ddim_sample(classifier_free_guidance(den, 3.0, torch.tensor(1000)), x, sched, 5, cond=y)
+    out = ddim_sample(classifier_free_guidance(den, 3.0, torch.tensor(1000)), x, sched, ddim_timesteps(5), cond=y)
     assert seen[0].tolist() == [1000, 1000, 3, 7] and out.shape == x.shape
 
 
@@ -411,18 +455,26 @@ def test_cfg_errors():
 def test_sampler_bad_inputs_raise(sched):
     den, x = gaussian_denoiser(sched), torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="'mu'"):
-        ddim_sample(den, x, sched, 5, parameterization="mu")
+        ddim_sample(den, x, sched, ddim_timesteps(5), parameterization="mu")
     with pytest.raises(ValueError, match="'mu'"):
         ddpm_sample(den, x, sched, parameterization="mu")
-    with pytest.raises(ValueError, match=r"num_steps=2000.*num_train=1000"):
-        ddim_sample(den, x, sched, 2000)
+    with pytest.raises(ValueError, match="timesteps must be an ascending list"):
+        ddim_sample(den, x, sched, 5)  # the older (num_steps) call: the grid is an argument now
+    with pytest.raises(ValueError, match="timesteps must be an ascending list"):
+        plms_sample(den, x, sched, 5)
+    with pytest.raises(ValueError, match=r"ascending integers in \[0, 999\]"):
+        ddim_sample(den, x, sched, [801, 401, 1])
+    with pytest.raises(ValueError, match=r"ascending integers in \[0, 999\]"):
+        plms_sample(den, x, sched, [1, 1000])
     with pytest.raises(ValueError, match="x0=False, mask=True"):
-        ddim_sample(den, x, sched, 5, mask=torch.ones_like(x))
+        ddim_sample(den, x, sched, ddim_timesteps(5), mask=torch.ones_like(x))
     with pytest.raises(ValueError, match="eta=-1"):
-        ddim_sample(den, x, sched, 5, eta=-1)
+        ddim_sample(den, x, sched, ddim_timesteps(5), eta=-1)
     with pytest.raises(ValueError, match="eta=3"):
-        ddim_sample(den, x, sched, 5, eta=3)
+        ddim_sample(den, x, sched, ddim_timesteps(5), eta=3)
     with pytest.raises(ValueError, match="DiffusionSchedule"):
         ddpm_sample(den, x, sched.alphas_cumprod)
     # a bare alphas_cumprod tensor is enough for DDIM / PLMS
-    torch.testing.assert_close(ddim_sample(den, x, sched.alphas_cumprod, 5), ddim_sample(den, x, sched, 5))
+    torch.testing.assert_close(
+        ddim_sample(den, x, sched.alphas_cumprod, ddim_timesteps(5)), ddim_sample(den, x, sched, ddim_timesteps(5))
+    )

@@ -1,34 +1,47 @@
-"""Training recipes of Latent Diffusion as LightningModules, built from injected networks and objectives.
+"""Training recipes of Latent Diffusion as LightningModules, built from injected networks, conditioners and objectives.
 
-- :class:`LatentDiffusion` — the DDPM (eps / x0 / v) over a frozen first stage's latents (or pixels), with class,
-  text, concat (super-resolution, inpainting) or hybrid conditioning, classifier-free guidance dropout, and DDIM /
-  PLMS / DDPM sampling (guided, masked).
+- :class:`LatentDiffusion` — the DDPM (eps / x0 / v) over a frozen first stage's latents (or pixels), conditioned by
+  an injected :mod:`ldm.conditioning` conditioner (class, text, concat for super-resolution / inpainting / semantic
+  maps, hybrid, none) that also does the classifier-free-guidance dropout; DDIM / PLMS / DDPM sampling (guided,
+  masked); the latents normalised by a :class:`gencore.latents.LatentNormalizer` (LDM's ``scale_factor``).
 - :class:`AutoencoderKLModule` — the KL-regularised first stage (``ldm/models/autoencoder.py``): reconstruction +
-  perceptual NLL with a scalar log-variance, KL, PatchGAN with adaptive weight from ``disc_start``; manual
-  optimisation with two Adam optimisers (betas 0.5, 0.9), like taming's VQGAN recipe.
+  perceptual NLL with a scalar log-variance, KL, PatchGAN with adaptive weight from ``disc_start``; the two-optimizer
+  GAN step of :class:`gencore.training.GANModule` (Adam, betas 0.5, 0.9), like taming's VQGAN recipe.
 
-Step counting: Lightning counts optimizer steps, two per batch here; ``disc_start`` counts batches.
+Step counting: Lightning counts optimizer steps, two per batch in the autoencoder recipe; ``disc_start`` counts batches.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.losses import LPIPSWithDiscriminator
-from taming.lit import psnr, scaled_learning_rate
+from gencore.conditioning import NoConditioner, take
+from gencore.diffusion import LossBuckets, check_probability, classifier_free_guidance, ddim_timesteps
+from gencore.io import accept_legacy_keys
+from gencore.latents import IdentityCodec, LatentNormalizer
+from gencore.metrics import psnr
+from gencore.modules import freeze
+from gencore.training import GANModule, scaled_learning_rate
+from ldm.conditioning import ROUTED, DiffusionWrapper, LatentConditioner, Unconditional, conditioner_from_legacy
+from ldm.diffusion import DiffusionSchedule
+from ldm.losses import DiffusionLoss, LPIPSWithDiscriminator
+from ldm.sampling import ddim_sample, ddpm_sample, plms_sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AutoencoderKLModule", "LatentDiffusion"]
+__all__ = ["LEGACY_ARGUMENTS", "SAMPLERS", "AutoencoderKLModule", "LatentDiffusion"]
 
 
-class AutoencoderKLModule(L.LightningModule):
-    """KL autoencoder training.
+class AutoencoderKLModule(GANModule):
+    """KL autoencoder training: the generator step is the autoencoder loss (``loss.generator_loss``), the
+    discriminator step the PatchGAN loss on the same reconstructions (``loss.discriminator_loss``).
 
     Args:
         model: an :class:`ldm.models.autoencoder.AutoencoderKL`.
@@ -38,6 +51,8 @@ class AutoencoderKLModule(L.LightningModule):
             only the encoder, decoder and quant convs, so ``logvar`` stays at ``logvar_init``); default False.
         image_key: batch key of the images.
     """
+
+    generator_loss_name = "train/aeloss"
 
     def __init__(
         self,
@@ -49,66 +64,51 @@ class AutoencoderKLModule(L.LightningModule):
         learn_logvar: bool = False,
         image_key: str = "image",
     ) -> None:
-        super().__init__()
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        super().__init__(learning_rate=learning_rate, scale_lr=scale_lr, betas=betas)
         self.model, self.loss = model, loss
-        self.learning_rate, self.scale_lr, self.betas = learning_rate, scale_lr, tuple(betas)
         self.learn_logvar, self.image_key = learn_logvar, image_key
-        self.automatic_optimization = False
-
-    @property
-    def batch_step(self) -> int:
-        return self.global_step // 2
 
     def get_input(self, batch: dict[str, Any]) -> Tensor:
-        if self.image_key not in batch:
-            raise ValueError(f"batch has no key {self.image_key!r} (keys: {sorted(batch)})")
-        return batch[self.image_key]
+        return take(batch, self.image_key, None, "AutoencoderKLModule")
 
     def forward(self, x: Tensor, sample_posterior: bool = True) -> tuple[Tensor, Any]:
         return self.model(x, sample_posterior=sample_posterior)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        opt_ae, opt_disc = self.optimizers()
-        step = self.batch_step
+    # --- the GAN step ---------------------------------------------------------------------------------------------
+    def generator_step(self, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor], Any]:
         x = self.get_input(batch)
         rec, posterior = self(x)
-        aeloss, log_ae = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.model.get_last_layer())
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(aeloss)
-        opt_ae.step()
-        dloss, log_d = self.loss.discriminator_loss(x, rec, step)
-        opt_disc.zero_grad(set_to_none=True)
-        if dloss is not None:
-            self.manual_backward(dloss)
-        opt_disc.step()  # no gradients before disc_start: a no-op that keeps 2 optimizer steps per batch
-        self.log("train/aeloss", aeloss.detach(), prog_bar=True, batch_size=x.shape[0])
-        self.log_dict({**log_ae, **log_d}, batch_size=x.shape[0])
+        loss, logs = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.model.get_last_layer())
+        return loss, logs, (x, rec)
 
+    def discriminator_step(
+        self, batch: dict[str, Any], state: tuple[Tensor, Tensor], step: int
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        x, rec = state
+        return self.loss.discriminator_loss(x, rec, step)  # None before disc_start
+
+    def generator_parameters(self) -> Iterable[nn.Parameter]:
+        yield from self.model.parameters()
+        if self.learn_logvar:
+            yield self.loss.logvar
+
+    def discriminator_parameters(self) -> Iterable[nn.Parameter]:
+        return self.loss.discriminator.parameters()
+
+    # --- evaluation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = self.get_input(batch)
         rec, posterior = self(x, sample_posterior=False)
-        _, log = self.loss.generator_loss(x, rec, posterior, self.batch_step, split="val")
-        self.log("val/rec_loss", log["val/rec_loss"], prog_bar=True, batch_size=x.shape[0])
+        _, logs = self.loss.generator_loss(x, rec, posterior, self.batch_step, split="val")
+        self.log("val/rec_loss", logs["val/rec_loss"], prog_bar=True, batch_size=x.shape[0])
         self.log_dict(
             {
                 "val/psnr": psnr(rec.clamp(-1, 1), x).mean(),
-                "val/kl_loss": log["val/kl_loss"],
+                "val/kl_loss": logs["val/kl_loss"],
                 "val/latent_std": posterior.mode().std(),
             },
             batch_size=x.shape[0],
         )
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
-        ae_params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.learn_logvar:
-            ae_params.append(self.loss.logvar)
-        return [
-            torch.optim.Adam(ae_params, lr=lr, betas=self.betas),
-            torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=self.betas),
-        ]
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], n: int = 16) -> dict[str, Tensor]:
@@ -119,72 +119,100 @@ class AutoencoderKLModule(L.LightningModule):
 
 
 SAMPLERS = ("ddim", "plms", "ddpm")
+SAMPLE_OPTIONS = ("sampler", "num_steps", "eta", "guidance_scale", "generator")
+# the conditioning arguments of the older constructor (configs written before name them); see conditioner_from_legacy
+LEGACY_ARGUMENTS = (
+    "cond_stage",
+    "num_classes",
+    "null_class",
+    "text_encoder",
+    "concat",
+    "sr_factor",
+    "semantic",
+    "segmentation_key",
+    "label_key",
+    "caption_key",
+)
+
+
+def _sample_defaults(sample: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The module's ``sample`` defaults, checked; the older ``steps`` is ``num_steps``."""
+    opts = dict(sample or {})
+    if "steps" in opts:
+        if "num_steps" in opts:
+            raise ValueError("sample: give num_steps (steps is its older name), not both")
+        opts["num_steps"] = opts.pop("steps")
+    allowed = [k for k in SAMPLE_OPTIONS if k != "generator"]
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise ValueError(f"sample: unknown option(s) {unknown}; expected {', '.join(allowed)}")
+    if opts.get("sampler", "ddim") not in SAMPLERS:
+        raise ValueError(f"sample: unknown sampler {opts['sampler']!r}; valid: {', '.join(SAMPLERS)}")
+    return opts
 
 
 class LatentDiffusion(L.LightningModule):
-    """A (latent) DDPM with a UNet, a frozen first stage and optional conditioning (``LatentDiffusion`` in ddpm.py).
+    """A (latent) DDPM with a UNet, a frozen first stage and an injected conditioner (``LatentDiffusion`` in
+    ddpm.py).
 
     Args:
         unet: ``ldm.models.unet.UNetModel`` (its ``in_channels`` include the concat-conditioning channels).
-        first_stage: a frozen gencore codec (``ldm.models.autoencoder.KLCodec``, ``taming.first_stage.VQGANCodec``,
+        first_stage: a frozen gencore codec (``ldm.first_stage.KLCodec``, ``taming.first_stage.VQGANCodec``,
             ``gencore.latents.DiffusersVAECodec``); ``None`` = pixel space (``IdentityCodec(image_channels)``).
-        cond_stage: ``None``, ``"class"`` (a trainable :class:`ClassEmbedder`, with a null class for guidance unless
-            ``null_class=False`` as in the original cIN LDM), ``"text"`` (a
-            frozen ``gencore.text.FrozenTextEncoder``; ``text_encoder`` = its keyword arguments; a ``path`` to a
-            ``.safetensors`` file of ``gencore.text.save_text_features`` serves precomputed features), or a module.
+        conditioner: an :mod:`ldm.conditioning` conditioner (``ClassConditioner``, ``TextConditioner``,
+            ``LowResolutionConditioner``, ``InpaintingConditioner``, ``SemanticConditioner``, ``HybridConditioner``),
+            kept as ``cond_stage_model``; ``None`` (or gencore's ``NoConditioner``) = unconditional.
         conditioning_key: how conditions enter the UNet (``crossattn``, ``concat``, ``hybrid``, ``adm``); default:
-            ``crossattn`` for class / text, ``concat`` for concat-only models, ``hybrid`` for both.
-        concat: ``"lowres"`` (super-resolution by ``sr_factor``), ``"inpaint"`` (masked latent + mask) or
-            ``"semantic"`` (``batch[segmentation_key]`` through a ``SpatialRescaler(**semantic)``).
+            the conditioner's. Official configs set it; it must route what the conditioner produces.
         schedule: ``DiffusionSchedule`` keyword arguments (official "linear" 1e-4..2e-2 over 1000 steps by default).
         parameterization: ``eps`` (all official configs), ``x0`` or ``v``.
-        p_uncond: conditioning dropout for classifier-free guidance (the official code has none; SD used 0.1).
-        scale_by_std: set ``scale_factor`` = 1 / std of the first training batch's latents (official); else
-            ``scale_factor`` (1.0 unless given) multiplies the codec's own scaling.
-        sample: default ``generate`` / image-logging arguments (sampler, steps, eta, guidance_scale).
+        p_uncond: conditioning dropout for classifier-free guidance, done by the conditioner (the official code has
+            none; SD used 0.1); a float, or per condition key.
+        scale_by_std: the latent scale = 1 / std of the first training batch's latents (official), kept in the
+            ``latent_norm`` buffers; else the fixed ``scale_factor`` (1.0 unless given) multiplies the codec's own
+            scaling. Read it as ``scale_factor``.
+        image_key: batch key of the images.
+        sample: default ``generate`` / image-logging options (``sampler``, ``num_steps``, ``eta``,
+            ``guidance_scale``; the older ``steps`` means ``num_steps``).
+        n_buckets: timestep bins of the logged ``loss_simple_t/…`` curves (0: none).
+
+    The older conditioning arguments (``cond_stage``, ``num_classes``, ``null_class``, ``text_encoder``, ``concat``,
+    ``sr_factor``, ``semantic``, ``segmentation_key``, ``label_key``, ``caption_key``) still build the same model
+    (:func:`ldm.conditioning.conditioner_from_legacy`), and the state dicts of those models load.
     """
 
     def __init__(
         self,
         unet: nn.Module,
         first_stage: nn.Module | None = None,
+        conditioner: nn.Module | None = None,
         *,
         image_channels: int = 3,
         image_size: int = 32,
-        cond_stage: str | nn.Module | None = None,
         conditioning_key: str | None = None,
-        num_classes: int = 10,
-        null_class: bool = True,
-        text_encoder: dict[str, Any] | None = None,
-        concat: str | None = None,
-        sr_factor: int = 4,
-        semantic: dict[str, Any] | None = None,
-        segmentation_key: str = "segmentation",
         schedule: dict[str, Any] | None = None,
         parameterization: str = "eps",
-        p_uncond: float = 0.0,
+        p_uncond: float | Mapping[str, float] = 0.0,
         learning_rate: float = 1e-4,
         scale_lr: bool = False,
         weight_decay: float = 0.0,
         scale_by_std: bool = False,
         scale_factor: float = 1.0,
         image_key: str = "image",
-        label_key: str = "label",
-        caption_key: str = "caption",
         sample: dict[str, Any] | None = None,
+        n_buckets: int = 10,
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        from gencore.latents import IdentityCodec
-        from gencore.modules import freeze
-        from ldm.conditioning import ClassEmbedder, DiffusionWrapper
-        from ldm.diffusion import DiffusionLoss, DiffusionSchedule
-
-        if concat not in (None, "lowres", "inpaint", "semantic"):
-            raise ValueError(f"concat must be None, 'lowres', 'inpaint' or 'semantic', got {concat!r}")
-        if concat == "semantic" and not semantic:
-            raise ValueError("concat='semantic' needs semantic={in_channels: <classes>, ...} (SpatialRescaler kwargs)")
+        unknown = sorted(set(legacy) - set(LEGACY_ARGUMENTS))
+        if unknown:
+            raise TypeError(f"LatentDiffusion.__init__() got an unexpected keyword argument {unknown[0]!r}")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if scale_by_std and scale_factor != 1.0:
+            raise ValueError(f"scale_by_std estimates the latent scale: do not also give scale_factor={scale_factor}")
+
+        # --- first stage and the latent normaliser (LDM's scale_factor)
         codec = first_stage if first_stage is not None else IdentityCodec(image_channels)
         self.first_stage_model = freeze(codec)
         self.image_size = image_size
@@ -192,173 +220,125 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(
                 f"image_size {image_size} is not divisible by the first stage's factor {codec.downsample_factor}"
             )
-        self.latent_shape = (
-            codec.latent_channels,
-            image_size // codec.downsample_factor,
-            image_size // codec.downsample_factor,
-        )
-        self.cond_kind = cond_stage if isinstance(cond_stage, str) or cond_stage is None else "module"
-        context_dim = getattr(unet, "context_dim", None)
-        if cond_stage == "class":
-            key_default = "crossattn"
-            if conditioning_key == "adm":
-                self.cond_stage_model: nn.Module | None = None
-            else:
-                if context_dim is None:
-                    raise ValueError("class conditioning through cross-attention needs a UNet with context_dim")
-                self.cond_stage_model = ClassEmbedder(context_dim, num_classes, null_class=null_class)
-        elif cond_stage == "text":
-            from gencore.text import text_encoder as build_text_encoder
+        f = codec.downsample_factor
+        self.latent_shape = (codec.latent_channels, image_size // f, image_size // f)
+        self.latent_norm = LatentNormalizer(scale=None if scale_by_std else scale_factor, shift=0.0)  # LDM: no shift
 
-            key_default = "crossattn"
-            self.cond_stage_model = build_text_encoder(**(text_encoder or {}))
-            if context_dim is not None and self.cond_stage_model.hidden_size != context_dim:
-                raise ValueError(
-                    f"text encoder width {self.cond_stage_model.hidden_size} does not match the UNet's "
-                    f"context_dim {context_dim}"
-                )
-        elif cond_stage is None:
-            key_default, self.cond_stage_model = None, None
-        elif isinstance(cond_stage, nn.Module):
-            key_default, self.cond_stage_model = "crossattn", cond_stage
-        else:
-            raise ValueError(f"cond_stage must be None, 'class', 'text' or a module, got {cond_stage!r}")
-        if concat == "semantic":
-            from ldm.conditioning import SpatialRescaler
+        # --- the conditioner and the router
+        renames: dict[str, str] = {}
+        if legacy:
+            if conditioner is not None:
+                raise ValueError(f"give conditioner= or the older conditioning arguments {sorted(legacy)}, not both")
+            conditioner, renames = conditioner_from_legacy(conditioning_key=conditioning_key, **legacy)
+        if conditioner is None or type(conditioner) is NoConditioner:
+            conditioner = Unconditional()
+        if not isinstance(conditioner, LatentConditioner):
+            raise ValueError(
+                f"conditioner must be an ldm.conditioning conditioner (LatentConditioner), got {type(conditioner)}"
+            )
+        self.cond_stage_model = conditioner
+        key = conditioning_key if conditioning_key is not None else conditioner.conditioning_key
+        self.model = DiffusionWrapper(unet, key)
+        routed, produced = set(ROUTED[key]), set(conditioner.produces)
+        if routed != produced:
+            raise ValueError(
+                f"conditioning_key={key!r} routes {sorted(routed) or 'no conditions'}, but "
+                f"{type(conditioner).__name__} produces {sorted(produced) or 'none'}"
+            )
+        self.p_uncond = check_probability(p_uncond, "p_uncond")
+        if self._dropout_on and not conditioner.guidable:
+            raise ValueError(
+                f"p_uncond={p_uncond} drops conditions to the unconditional one, which {type(conditioner).__name__} "
+                "does not have"
+            )
 
-            rescaler = SpatialRescaler(**semantic)
-            if self.cond_stage_model is None:  # the official layout: the rescaler is the cond_stage_model
-                self.cond_stage_model = rescaler
-            else:
-                self.semantic_model = rescaler
-            self.segmentation_key = segmentation_key
-        if concat is not None:
-            key_default = "hybrid" if key_default == "crossattn" else "concat"
-        self.model = DiffusionWrapper(unet, conditioning_key or key_default)
-        self.num_classes, self.concat, self.sr_factor = num_classes, concat, sr_factor
+        # --- the diffusion process and its objective
         self.schedule = DiffusionSchedule(**(schedule or {}))
         self.parameterization = parameterization
-        self.loss_fn = DiffusionLoss(self.schedule, parameterization=parameterization, p_uncond=p_uncond)
-        self.p_uncond = p_uncond
+        self.loss_fn = DiffusionLoss(self.schedule, parameterization=parameterization)
+        big_t = self.schedule.num_timesteps
+        self.loss_buckets = {  # per-timestep-bin loss curves, accumulated on the device
+            split: LossBuckets(n_buckets, prefix="loss_simple_t", num_train_timesteps=big_t)
+            for split in ("train", "val")
+        }
         self.learning_rate, self.scale_lr, self.weight_decay = learning_rate, scale_lr, weight_decay
-        self.scale_by_std = scale_by_std
-        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-        self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
-        self.sample_kwargs = {"sampler": "ddim", "steps": 50, "eta": 0.0, "guidance_scale": 1.0, **(sample or {})}
-        self._uncond_text: Tensor | None = None
+        self.image_key = image_key
+        self.sample_kwargs = _sample_defaults(sample)
+        self._warned_not_ready = False
+
+        conditioner.bind(
+            model=unet, encode=self.encode, latent_shape=self.latent_shape, image_size=image_size, image_key=image_key
+        )
+        # the official / older layout: one root scale_factor, and no shift (LDM never shifts its latents)
+        accept_legacy_keys(self, {"scale_factor": "latent_norm.scale", **renames}, defaults={"latent_norm.shift": 0.0})
+
+    @property
+    def scale_factor(self) -> Tensor:
+        """The latent scale (LDM's ``scale_factor`` buffer; NaN until ``scale_by_std`` has seen a training batch)."""
+        return self.latent_norm.scale
+
+    @property
+    def _dropout_on(self) -> bool:
+        p = self.p_uncond
+        return any(v > 0 for v in p.values()) if isinstance(p, Mapping) else p > 0
 
     # -------------------------------------------------------------------------------------- latents, conditions
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        return self.first_stage_model.encode(x) * self.scale_factor
+        """Images -> normalised latents (the first stage's encoding times ``scale_factor``)."""
+        return self.latent_norm.normalize(self.first_stage_model.encode(x))
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+        return self.first_stage_model.decode(self.latent_norm.denormalize(z))
 
-    def conditions(self, batch: dict[str, Any], n: int | None = None) -> dict[str, Tensor] | None:
-        """The UNet's conditions for (the first ``n`` items of) a batch."""
-        x = batch[self.image_key][:n] if self.image_key in batch else None
-        n = x.shape[0] if x is not None else n
-        cond: dict[str, Tensor] = {}
-        if self.cond_kind == "class":
-            if self.label_key not in batch:
-                raise ValueError(f"a class-conditional model needs batch[{self.label_key!r}]")
-            labels = torch.as_tensor(batch[self.label_key][:n], device=self.device)
-            if self.model.conditioning_key == "adm":
-                cond["y"] = labels
-            else:
-                cond["c_crossattn"] = self.cond_stage_model(labels)
-        elif self.cond_kind == "text":
-            if self.caption_key not in batch:
-                raise ValueError(f"a text-conditional model needs batch[{self.caption_key!r}]")
-            cond["c_crossattn"] = self.cond_stage_model.encode(list(batch[self.caption_key][:n]))
-        elif self.cond_kind == "module":
-            cond["c_crossattn"] = self.cond_stage_model(batch[self.label_key][:n])
-        if self.concat is not None:
-            if x is None:
-                raise ValueError(f"concat conditioning needs batch[{self.image_key!r}]")
-            x = x.to(self.device)
-            if self.concat == "lowres":
-                cond["c_concat"] = self.encode_lowres(x)
-            elif self.concat == "semantic":
-                cond["c_concat"] = self.encode_semantic(batch, n)
-            else:
-                mask = batch.get("mask")
-                mask = random_masks_like(x) if mask is None else mask[:n].to(self.device)
-                from ldm.conditioning import inpainting_condition
+    def conditions(self, batch: Mapping[str, Any], n: int | None = None) -> Any:
+        """The UNet's conditions for (the first ``n`` items of) a batch (no dropout)."""
+        return self.cond_stage_model.encode(batch, n)
 
-                cond["c_concat"] = inpainting_condition(x, mask, self.encode)
-        return cond or None
-
-    def encode_semantic(self, batch: dict[str, Any], n: int | None) -> Tensor:
-        """The segmentation map of the batch through the SpatialRescaler, resized to the latent grid."""
-        from ldm.conditioning import one_hot_map
-
-        if self.segmentation_key not in batch:
-            raise ValueError(f"semantic synthesis needs batch[{self.segmentation_key!r}]")
-        rescaler = getattr(self, "semantic_model", None) or self.cond_stage_model
-        seg = one_hot_map(torch.as_tensor(batch[self.segmentation_key][:n]).to(self.device), rescaler.in_channels)
-        c = rescaler(seg)
-        if c.shape[-2:] != self.latent_shape[1:]:
-            c = torch.nn.functional.interpolate(c, size=self.latent_shape[1:], mode="nearest")
-        return c
-
-    def encode_lowres(self, x: Tensor) -> Tensor:
-        from ldm.conditioning import low_resolution_condition
-
-        return low_resolution_condition(x, self.sr_factor, self.latent_shape[1:])
-
-    def unconditional(self, n: int) -> dict[str, Tensor] | None:
+    def unconditional(self, n: int) -> Any:
         """The null condition of classifier-free guidance (concat inputs are shared, so they are not in it)."""
-        if self.cond_kind == "class":
-            null = torch.full((n,), self.num_classes, device=self.device, dtype=torch.long)
-            if self.model.conditioning_key == "adm":
-                return {"y": null}
-            return {"c_crossattn": self.cond_stage_model(null)}
-        if self.cond_kind == "text":
-            if self._uncond_text is None or self._uncond_text.device != self.device:
-                self._uncond_text = self.cond_stage_model.encode([""])
-            return {"c_crossattn": self._uncond_text.expand(n, -1, -1)}
-        return None
+        return self.cond_stage_model.unconditional(n)
+
+    def _on_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     # -------------------------------------------------------------------------------------------- training
 
     def denoise(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         return self.model(x, t, **cond)
 
-    def _maybe_set_scale(self, x: Tensor) -> None:
-        if self.scale_by_std and self.training and self.global_step == 0 and float(self.scale_factor) == 1.0:
-            z = self.first_stage_model.encode(x).detach()
-            self.scale_factor.fill_(1.0 / z.float().std().clamp_min(1e-8))
-            log.info("scale_by_std: scale_factor = %.5f", float(self.scale_factor))
-
-    def _step(self, batch: dict[str, Any], split: str) -> Tensor:
-        x = batch[self.image_key]
-        self._maybe_set_scale(x)
-        z = self.encode(x)
-        cond = self.conditions(batch)
-        uncond = self.unconditional(z.shape[0]) if self.p_uncond > 0 else None
-        loss, logs = self.loss_fn(self.denoise, z, cond, uncond=uncond)
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=z.shape[0])
-        self.log_dict({f"{split}/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=z.shape[0])
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        z = self.encode(take(batch, self.image_key, None, "LatentDiffusion"))  # scale_by_std: estimated here, once
+        cond = self.cond_stage_model(batch, drop=self.p_uncond)  # classifier-free-guidance dropout
+        loss, logs = self.loss_fn(self.denoise, z, cond, buckets=self.loss_buckets["train"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=z.shape[0])
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.loss_buckets["train"].log(self, "train")  # writes (one host sync) only on Lightning's logging steps
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self.latent_norm.ready:  # a sanity check before the first training batch estimated the scale
+            if not self._warned_not_ready:
+                log.info("validation skipped: the latent scale is estimated at the first training batch")
+                self._warned_not_ready = True
+            return
         g = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same t / noise every validation
-        x = batch[self.image_key]
-        z = self.encode(x)
+        z = self.encode(take(batch, self.image_key, None, "LatentDiffusion"))
         t = torch.randint(0, self.schedule.num_timesteps, (z.shape[0],), generator=g, device=self.device)
         noise = torch.randn(z.shape, generator=g, device=self.device)
-        loss, _ = self.loss_fn(self.denoise, z, self.conditions(batch), noise=noise, t=t, drop=False)  # conditional
+        cond = self.conditions(batch)  # the conditional loss: no dropout
+        loss, _ = self.loss_fn(self.denoise, z, cond, noise=noise, t=t, buckets=self.loss_buckets["val"])
         self.log("val/loss", loss, prog_bar=True, batch_size=z.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.loss_buckets["val"].log(self, "val", force=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
-        params = [p for p in self.parameters() if p.requires_grad]  # UNet (+ a trainable class embedder)
+        params = [p for p in self.parameters() if p.requires_grad]  # UNet (+ a trainable conditioner)
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
 
     # -------------------------------------------------------------------------------------------- sampling
@@ -367,26 +347,27 @@ class LatentDiffusion(L.LightningModule):
     def sample_latents(
         self,
         n: int,
-        cond: dict[str, Tensor] | None = None,
+        cond: Any = None,
         *,
         sampler: str = "ddim",
-        steps: int = 50,
+        num_steps: int = 50,
         eta: float = 0.0,
         guidance_scale: float = 1.0,
         x0: Tensor | None = None,
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        from ldm.sampling import classifier_free_guidance, ddim_sample, ddpm_sample, plms_sample
-
+        """``n`` latents from N(0, I) noise: DDIM / PLMS over ``ddim_timesteps(num_steps, T)`` (official spacing) or
+        ancestral DDPM over all T steps; ``guidance_scale`` != 1 guides with the conditioner's unconditional
+        condition; ``x0`` / ``mask`` (1 = known) is masked sampling."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if guidance_scale != 1.0 and self.cond_kind in (None, "module"):
+        if guidance_scale != 1.0 and not self.cond_stage_model.guidable:
             raise ValueError(
-                f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one is "
-                f"{'unconditional' if self.cond_kind is None else 'conditioned by a custom module'}"
+                f"guidance_scale={guidance_scale} needs a conditioner with an unconditional condition (class with a "
+                f"null class, or text); {type(self.cond_stage_model).__name__} has none"
             )
-        if guidance_scale != 1.0 and self.p_uncond == 0:
+        if guidance_scale != 1.0 and not self._dropout_on:
             log.warning("guidance with a model trained without conditioning dropout (p_uncond=0)")
         denoise = self.denoise
         if guidance_scale != 1.0:
@@ -399,120 +380,68 @@ class LatentDiffusion(L.LightningModule):
             "x0": x0,
             "mask": mask,
         }
+        big_t = self.schedule.num_timesteps
         if sampler == "ddim":
-            return ddim_sample(denoise, x_T, self.schedule, steps, eta=eta, **kw)
+            return ddim_sample(denoise, x_T, self.schedule, ddim_timesteps(num_steps, big_t), eta=eta, **kw)
         if sampler == "plms":
-            return plms_sample(denoise, x_T, self.schedule, steps, **kw)
-        if steps != self.schedule.num_timesteps:
-            log.info("ddpm runs all %d steps (steps=%d is for ddim / plms)", self.schedule.num_timesteps, steps)
+            return plms_sample(denoise, x_T, self.schedule, ddim_timesteps(num_steps, big_t), **kw)
+        if num_steps != big_t:
+            log.info("ddpm runs all %d steps (num_steps=%d is for ddim / plms)", big_t, num_steps)
         return ddpm_sample(denoise, x_T, self.schedule, **kw)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        n: int,
-        labels: list[int] | Tensor | None = None,
-        captions: list[str] | None = None,
-        segmentation: Tensor | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """``n`` images: class models take ``labels`` (default: random), text models ``captions`` (default: the
-        Fashion-MNIST caption of a random class), semantic-synthesis models ``segmentation`` maps; sampler / steps /
-        eta / guidance_scale as in ``sample``."""
-        opts = {**self.sample_kwargs, **kwargs}
-        batch: dict[str, Any] = {}
-        out: dict[str, Any] = {}
-        if self.cond_kind == "class":
-            labels = torch.randint(0, self.num_classes, (n,)) if labels is None else torch.as_tensor(labels)[:n]
-            batch[self.label_key] = labels
-            out["labels"] = labels.cpu()
-        elif self.cond_kind == "text":
-            if captions is None:
-                from gencore.data import caption_for
-
-                picks = torch.randint(0, 10, (n,))
-                captions, out["labels"] = [caption_for(int(c)) for c in picks], picks
-            batch[self.caption_key] = list(captions)[:n]
-            out["captions"] = batch[self.caption_key]
-        if self.concat == "semantic":
-            if segmentation is None:
-                raise ValueError("a semantic-synthesis model needs segmentation maps: generate(n, segmentation=...)")
-            batch[self.segmentation_key] = segmentation
-            batch[self.image_key] = torch.zeros(n, self.first_stage_model.in_channels, self.image_size, self.image_size)
-        elif self.concat is not None:
-            raise ValueError("concat-conditioned models sample with inpaint(...) / superres(...), not generate()")
-        cond = self.conditions(batch, n) if batch else None
-        z = self.sample_latents(n, cond, **opts)
-        out["images"] = self.decode(z).clamp(-1, 1)
-        return out
+    def _options(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(sampler options: the module's defaults updated by the given ones, the generation request)."""
+        if "steps" in kwargs:
+            raise ValueError("the number of sampler steps is num_steps= (steps= is its older name)")
+        opts = {**self.sample_kwargs, **{k: v for k, v in kwargs.items() if k in SAMPLE_OPTIONS and v is not None}}
+        return opts, {k: v for k, v in kwargs.items() if k not in SAMPLE_OPTIONS}
 
     @torch.no_grad()
-    def inpaint(
-        self,
-        images: Tensor,
-        masks: Tensor,
-        labels: list[int] | Tensor | None = None,
-        captions: list[str] | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        """Fill ``masks`` (1 = hole) of ``images``: conditionally for an ``inpaint`` model, otherwise by masked
+    def generate(self, n: int, **kwargs: Any) -> dict[str, Any]:
+        """``n`` images and what conditioned them: the conditioner's request (class models ``labels``, default
+        random; text models ``captions``, default the Fashion-MNIST caption of a random class; semantic-synthesis
+        models ``segmentation`` maps) and sampler options (``sampler``, ``num_steps``, ``eta``, ``guidance_scale``,
+        ``generator``; default: the module's ``sample``)."""
+        opts, request = self._options(kwargs)
+        batch, out = self.cond_stage_model.generation_batch(n, **request)
+        z = self.sample_latents(n, self.conditions(self._on_device(batch), n), **opts)
+        return {**out, "images": self.decode(z).clamp(-1, 1)}
+
+    @torch.no_grad()
+    def inpaint(self, images: Tensor, masks: Tensor, **kwargs: Any) -> Tensor:
+        """Fill ``masks`` (1 = hole) of ``images``: conditionally for an inpainting model, otherwise by masked
         sampling (the known latents are re-noised into every step, official DDIM ``mask``/``x0``); class / text
-        models fill with ``labels`` / ``captions`` when given, else with the null condition."""
-        opts = {**self.sample_kwargs, **kwargs}
+        models fill with ``labels`` / ``captions`` when given, else with the null condition. Sampler options as in
+        :meth:`generate`."""
+        opts, request = self._options(kwargs)
         images, masks = images.to(self.device), masks.to(self.device)
         n = images.shape[0]
-        if self.concat == "inpaint":
-            z = self.sample_latents(n, self.conditions({self.image_key: images, "mask": masks}), **opts)
-        else:
-            if labels is not None or captions is not None:
-                cond = self.conditions(
-                    {
-                        self.label_key: torch.as_tensor(labels) if labels is not None else None,
-                        self.caption_key: captions,
-                    },
-                    n,
-                )
-            else:
-                cond = self.unconditional(n)
-            keep = 1 - torch.nn.functional.interpolate(masks, size=self.latent_shape[1:], mode="nearest")
+        cond, masked = self.cond_stage_model.inpainting(images, masks, **request)
+        if masked:
+            keep = 1 - F.interpolate(masks, size=self.latent_shape[1:], mode="nearest")
             z = self.sample_latents(n, cond, x0=self.encode(images), mask=keep, **opts)
+        else:
+            z = self.sample_latents(n, cond, **opts)
         out = self.decode(z).clamp(-1, 1)
         return out * masks + images * (1 - masks)
 
     @torch.no_grad()
     def superres(self, images: Tensor, **kwargs: Any) -> Tensor:
-        """Upsample by ``sr_factor``: ``images`` are the high-resolution targets' size (their downsampled version is
-        the condition), or low-resolution images ``image_size / sr_factor`` wide (upsampled first)."""
-        if self.concat != "lowres":
-            raise ValueError("superres() needs a model trained with concat='lowres'")
+        """Upsample by the conditioner's ``sr_factor``: ``images`` are the high-resolution targets' size (their
+        downsampled version is the condition), or low-resolution images ``image_size / sr_factor`` wide (upsampled
+        first). Sampler options as in :meth:`generate`."""
+        opts, request = self._options(kwargs)
         images = images.to(self.device)
-        if images.shape[-1] * self.sr_factor == self.image_size:
-            images = torch.nn.functional.interpolate(images, scale_factor=self.sr_factor, mode="bicubic")
-        opts = {**self.sample_kwargs, **kwargs}
-        z = self.sample_latents(images.shape[0], {"c_concat": self.encode_lowres(images)}, **opts)
+        z = self.sample_latents(images.shape[0], self.cond_stage_model.superres_condition(images, **request), **opts)
         return self.decode(z).clamp(-1, 1)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], n: int = 16) -> dict[str, Tensor]:
-        x = batch[self.image_key][:n].to(self.device)
+        batch = self._on_device(batch)
+        x = take(batch, self.image_key, n, "LatentDiffusion.log_images")
         logs: dict[str, Tensor] = {"inputs": x, "reconstructions": self.decode(self.encode(x)).clamp(-1, 1)}
-        opts = {**self.sample_kwargs, "steps": min(int(self.sample_kwargs.get("steps", 50)), 50)}
-        cond = self.conditions(batch, n)
-        if self.concat == "inpaint":
-            masks = random_masks_like(x)
-            logs["masked"] = x * (1 - masks)
-            logs["inpainted"] = self.inpaint(x, masks, **opts)
-        elif self.concat == "lowres":
-            logs["low_resolution"] = torch.nn.functional.interpolate(
-                torch.nn.functional.avg_pool2d(x, self.sr_factor), scale_factor=self.sr_factor, mode="nearest"
-            )
-            logs["super_resolved"] = self.superres(x, **opts)
-        else:
-            logs["samples"] = self.decode(self.sample_latents(x.shape[0], cond, **opts)).clamp(-1, 1)
+        opts = dict(self.sample_kwargs)
+        if opts.get("num_steps", 0) > 50:  # image logging stays cheap
+            opts["num_steps"] = 50
+        logs.update(self.cond_stage_model.log_samples(self, batch, x.shape[0], **opts))
         return logs
-
-
-def random_masks_like(x: Tensor) -> Tensor:
-    from ldm.conditioning import random_masks
-
-    return random_masks(x.shape[0], x.shape[-1], device=x.device)

@@ -1,9 +1,15 @@
-"""Training objective of LDM's KL autoencoder (Rombach et al., CVPR 2022, App. G; official
-``ldm/modules/losses/contperceptual.py``, ``LPIPSWithDiscriminator``).
+"""Training objectives of Latent Diffusion (Rombach et al., CVPR 2022): the diffusion loss of the denoiser and the loss
+of the KL-regularised first stage.
 
-The first stage is trained like taming's VQGAN (a perceptual loss plus a patch-based adversarial loss), with the
-codebook term replaced by a slight KL penalty on q(z|x) and the reconstruction read as a Laplace likelihood with
-one learnable scale::
+**DiffusionLoss** (official ``ldm/models/diffusion/ddpm.py``, ``LatentDiffusion.p_losses``; LDM Eq. 2 = DDPM Eq. 14
+on latents): t ~ U{0..T-1}, x_t = q_sample(x0, t, eps), L_simple = ||target - f(x_t, t, c)||^2 averaged over C, H, W
+(target eps, x0 or v), then over the batch; plus the optional VLB term ``original_elbo_weight * mean(lvlb_w[t] L_t)``.
+Classifier-free conditioning dropout is the conditioner's (:mod:`ldm.conditioning`), not the loss's; the per-timestep
+curves go to a :class:`gencore.diffusion.LossBuckets`.
+
+**LPIPSWithDiscriminator** (App. G; official ``ldm/modules/losses/contperceptual.py``). The first stage is trained
+like taming's VQGAN (a perceptual loss plus a patch-based adversarial loss), with the codebook term replaced by a
+slight KL penalty on q(z|x) and the reconstruction read as a Laplace likelihood with one learnable scale::
 
     rec      = pixel_weight·|x − x̂| + w_p·LPIPS(x, x̂)                  (LPIPS (B,1,1,1) broadcast to every pixel)
     nll      = Σ (rec / exp(logvar) + logvar) / B                         (a SUM over C,H,W per sample: taming MEANs)
@@ -14,13 +20,13 @@ one learnable scale::
     D loss   = disc_factor · ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂)))                    (hinge; or softplus)
 
 ``disc_factor`` is 0 before ``disc_start`` (training batches). Released configs: disc_start 50001, kl_weight 1e-6,
-disc_weight 0.5; two Adam optimisers, betas (0.5, 0.9).
+disc_weight 0.5; two Adam optimisers, betas (0.5, 0.9) (:class:`ldm.lit.AutoencoderKLModule`).
 
 The learnable ``logvar`` is a parameter of the LOSS module. The official ``AutoencoderKL.configure_optimizers`` gives
 the autoencoder optimiser only encoder / decoder / quant_conv / post_quant_conv parameters, so officially
 ``loss.logvar`` receives gradients but is never stepped and stays at ``logvar_init`` (despite the "train
-encoder+decoder+logvar" comment). To learn it, add it to the autoencoder optimiser:
-``Adam([*ae.parameters(), loss.logvar], ...)``; the discriminator optimiser takes ``loss.discriminator.parameters()``.
+encoder+decoder+logvar" comment). To learn it, add it to the autoencoder optimiser (``learn_logvar=True`` of the
+recipe); the discriminator optimiser takes ``loss.discriminator.parameters()``.
 
 Submodule names are official (``logvar``, ``perceptual_loss.*``, ``discriminator.main.*``) so the ``loss.*`` entries
 of official checkpoints load. The perceptual distance, the discriminator and the GAN losses are taming's
@@ -31,22 +37,125 @@ of official checkpoints load. The perceptual distance, the discriminator and the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from taming.losses import PatchGANLoss, adopt_weight, build_perceptual
+from gencore.diffusion import PARAMETERIZATIONS, LossBuckets, call_denoiser
+from gencore.modules import check_index_range
+from ldm.diffusion import DiffusionSchedule
+from taming.losses import PatchGANLoss, build_perceptual
 
-__all__ = ["LPIPSWithDiscriminator"]
+__all__ = ["DiffusionLoss", "LPIPSWithDiscriminator"]
+
+
+# ---------------------------------------------------------------------------------------------- the diffusion loss
+
+
+class DiffusionLoss:
+    """The LDM training objective (``LatentDiffusion.p_losses``); owns timestep sampling and weighting.
+
+    ``loss, log = DiffusionLoss(schedule)(model_fn, x0, cond, noise=..., t=..., buckets=...)``:
+    t ~ U{0..T-1} per sample, x_t = q_sample(x0, t, noise), target = noise | x0 | v for parameterization
+    "eps" | "x0" | "v", ``loss_simple`` = ((out - target)^2).mean over all but the batch dim (|.| for ``loss_type``
+    "l1"), ``loss = l_simple_weight * mean_b(loss_simple) + original_elbo_weight * mean_b(lvlb_w[t] loss_simple)``.
+    The official learnable per-timestep ``logvar`` is not implemented (``learn_logvar=False``, logvar = 0, in every
+    official config, where the division by exp(0) and the + 0 are no-ops); ``original_elbo_weight`` is 0 in all
+    official configs. ``model_fn`` is called through :func:`gencore.diffusion.call_denoiser`.
+
+    The log dict holds detached scalars: ``loss``, ``loss_simple``, ``loss_vlb``. ``buckets`` (a
+    :class:`gencore.diffusion.LossBuckets`) receives the per-sample ``loss_simple`` at t / T (on the device, no host
+    sync). The schedule is referenced, not owned: move it with the module that registers it.
+    """
+
+    def __init__(
+        self,
+        schedule: DiffusionSchedule,
+        *,
+        parameterization: str = "eps",
+        loss_type: str = "l2",
+        l_simple_weight: float = 1.0,
+        original_elbo_weight: float = 0.0,
+    ) -> None:
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization={parameterization!r}; expected one of {PARAMETERIZATIONS}")
+        if loss_type not in ("l1", "l2"):
+            raise ValueError(f"unknown loss_type={loss_type!r}; expected 'l1' or 'l2'")
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.loss_type = loss_type
+        self.l_simple_weight = float(l_simple_weight)
+        self.original_elbo_weight = float(original_elbo_weight)
+        self._lvlb = schedule.lvlb_weights(parameterization)  # (T,), moved to the data's device on first use
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def sample_t(self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U{0, ..., T-1}, shape (batch_size,), long."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
+
+    def __call__(
+        self,
+        model_fn: Callable[..., Tensor],
+        x0: Tensor,
+        cond: Any = None,
+        *,
+        noise: Tensor | None = None,
+        t: Tensor | int | None = None,
+        generator: torch.Generator | None = None,
+        buckets: LossBuckets | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        b = x0.shape[0]  # x0: (B, C, H, W) latents (any (B, ...) works)
+        if t is None:
+            t = self.sample_t(b, x0.device, generator)
+        else:
+            t = torch.as_tensor(t, device=x0.device).long()
+            t = t.expand(b) if t.dim() == 0 else t
+            if t.shape != (b,):
+                raise ValueError(f"t must have shape ({b},), got t.shape={tuple(t.shape)}")
+            check_index_range(t, self.num_timesteps, "DiffusionLoss: t")
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+
+        x_t = self.schedule.q_sample(x0, t, noise)  # (B, C, H, W)
+        out = call_denoiser(model_fn, x_t, t, cond)
+        if out.shape != x0.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} != x0 shape {tuple(x0.shape)}")
+        if self.parameterization == "eps":
+            target = noise
+        elif self.parameterization == "x0":
+            target = x0
+        else:
+            target = self.schedule.get_v(x0, noise, t)
+        err = (out - target).abs() if self.loss_type == "l1" else (out - target) ** 2
+        loss_simple = err.float().mean(dim=tuple(range(1, err.dim())))  # (B,)
+        loss = self.l_simple_weight * loss_simple.mean()
+        if self._lvlb.device != loss_simple.device:
+            self._lvlb = self._lvlb.to(loss_simple.device)
+        loss_vlb = (self._lvlb[t] * loss_simple).mean()  # logged always, as officially
+        if self.original_elbo_weight:
+            loss = loss + self.original_elbo_weight * loss_vlb
+        if buckets is not None:
+            buckets.update(loss_simple, t.float() / self.num_timesteps)
+        log = {"loss": loss.detach(), "loss_simple": loss_simple.mean().detach(), "loss_vlb": loss_vlb.detach()}
+        return loss, log
+
+
+# ------------------------------------------------------------------------------------ the first stage's loss
 
 
 class LPIPSWithDiscriminator(PatchGANLoss):
     """The KL-autoencoder loss with the official arguments, plus ``disc_ndf``, ``perceptual`` and
     ``perceptual_weights`` (the VGG16 / Fashion-MNIST network file).
 
-    Use :meth:`generator_loss` and :meth:`discriminator_loss` from a manual-optimisation training step, or the
-    official :meth:`forward` (``optimizer_idx`` 0 / 1). ``step`` / ``global_step`` count training batches.
+    :meth:`generator_loss` and :meth:`discriminator_loss` (taming's, returning ``None`` before ``disc_start``) are the
+    generator and discriminator steps of :class:`ldm.lit.AutoencoderKLModule`; ``step`` counts training batches.
     ``pixelloss_weight`` scales |x − x̂| (the official code stores but ignores it; released configs leave it at 1).
     """
 
@@ -151,30 +260,7 @@ class LPIPSWithDiscriminator(PatchGANLoss):
             f"{split}/rec_loss": rec.detach().mean(),
             f"{split}/p_loss": p_loss.detach().mean(),
             f"{split}/d_weight": d_weight.detach(),
-            f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+            f"{split}/disc_factor": torch.full((), float(disc_factor), device=inputs.device),
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, log
-
-    def forward(
-        self,
-        inputs: Tensor,
-        reconstructions: Tensor,
-        posteriors: Any,
-        optimizer_idx: int,
-        global_step: int,
-        last_layer: Tensor | None = None,
-        cond: Tensor | None = None,
-        split: str = "train",
-        weights: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The official calling convention: optimizer_idx 0 → autoencoder loss, 1 → discriminator loss (before
-        ``disc_start`` a zero that still backpropagates into the discriminator, as officially)."""
-        if optimizer_idx == 0:
-            return self.generator_loss(
-                inputs, reconstructions, posteriors, global_step, last_layer, split, cond=cond, weights=weights
-            )
-        if optimizer_idx == 1:
-            disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
-            return self._d_loss(inputs, reconstructions, disc_factor, cond, split)
-        raise ValueError(f"optimizer_idx must be 0 or 1, got {optimizer_idx}")

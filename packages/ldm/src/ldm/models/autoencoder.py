@@ -12,35 +12,25 @@ prefix strip:
   encoder / decoder are taming's :class:`~taming.models.vqgan.Encoder` / :class:`~taming.models.vqgan.Decoder`
   (LDM's ``model.py`` copy of them, used with ``double_z=True``); the training loss lives in :mod:`ldm.losses`;
 - presets :data:`AUTOENCODER_PRESETS` — the released kl-f4 / f8 (the Stable Diffusion VAE) / f16 / f32 configs
-  (``models/first_stage_models/kl-*/config.yaml``), Fashion-MNIST toys and a unit-test size; :func:`build_autoencoder`;
-- :class:`KLCodec` — the autoencoder as a frozen gencore ``LatentCodec`` (posterior mode or sample, ``scale`` /
-  ``shift``), and :func:`kl_codec` loading it from a genlab export / run folder or an official ``.ckpt``.
+  (``models/first_stage_models/kl-*/config.yaml``), Fashion-MNIST toys and a unit-test size; :func:`build_autoencoder`.
+
+The autoencoder as a frozen gencore ``LatentCodec`` (``KLCodec``, ``kl_codec``) is in :mod:`ldm.first_stage`, the
+official-checkpoint and diffusers key maps in :mod:`ldm.convert`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gencore.latents import FrozenCodec
 from taming.models.vqgan import Decoder, Encoder
 
-__all__ = [
-    "AUTOENCODER_PRESETS",
-    "AutoencoderKL",
-    "DiagonalGaussianDistribution",
-    "KLCodec",
-    "build_autoencoder",
-    "kl_codec",
-    "load_kl_first_stage",
-]
+__all__ = ["AUTOENCODER_PRESETS", "AutoencoderKL", "DiagonalGaussianDistribution", "build_autoencoder"]
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -255,130 +245,17 @@ def build_autoencoder(preset: str | None = None, **overrides: Any) -> Autoencode
     return AutoencoderKL(**kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------- codec
+# ------------------------------------------------------------------------------- names that moved to first_stage
+
+_MOVED = ("KLCodec", "kl_codec", "load_kl_first_stage")
 
 
-def _ae_from(module: nn.Module) -> AutoencoderKL:
-    model = getattr(module, "model", module)  # a LightningModule holds the autoencoder as .model
-    if not all(hasattr(model, a) for a in ("encoder", "decoder", "quant_conv", "post_quant_conv", "embed_dim")):
-        raise ValueError(f"{type(module).__name__} is not a KL autoencoder (no encoder / quant_conv / embed_dim)")
-    if hasattr(model, "quantize"):
-        raise ValueError(f"{type(model).__name__} is a VQ model: use taming.first_stage.VQGANCodec")
-    return model
+def __getattr__(name: str) -> Any:
+    """``KLCodec``, ``kl_codec`` and ``load_kl_first_stage`` live in :mod:`ldm.first_stage` (checkpoint loading stays
+    out of the model files); configs written before name ``ldm.models.autoencoder.kl_codec`` as a target, so the
+    names resolve here too, imported on first use (not when this module loads)."""
+    if name in _MOVED:
+        import importlib
 
-
-class KLCodec(FrozenCodec):
-    """An :class:`AutoencoderKL` as a frozen gencore ``LatentCodec``: ``encode(x) = (z − shift)·scale`` with z the
-    posterior mode (default) or a sample (``sample_posterior=True``, LDM's training encoding); ``decode`` inverts the
-    scaling and decodes.
-
-    The wrapped model is frozen in place; use :meth:`from_autoencoder` to freeze a copy of a model still training.
-    ``scale`` 1.0 is the default (all LDM configs but SD's 0.18215); :func:`gencore.latents.estimate_scale` sets
-    1/std of the latents (LDM's ``scale_by_std``).
-    """
-
-    def __init__(
-        self, model: nn.Module, *, sample_posterior: bool = False, scale: float = 1.0, shift: float = 0.0
-    ) -> None:
-        model = _ae_from(model)
-        super().__init__(
-            in_channels=model.encoder.in_channels,
-            latent_channels=model.embed_dim,
-            downsample_factor=2 ** (model.encoder.num_resolutions - 1),
-            scale=scale,
-            shift=shift,
-        )
-        self.model = model
-        self.sample_posterior = bool(sample_posterior)
-        self.freeze()
-
-    @classmethod
-    def from_autoencoder(
-        cls,
-        ae: nn.Module,
-        scale: float | None = None,
-        *,
-        shift: float = 0.0,
-        sample_posterior: bool = False,
-        images: Tensor | Iterable[Tensor] | None = None,
-    ) -> KLCodec:
-        """A codec over a frozen deep copy of ``ae`` (an AutoencoderKL or a module with ``.model``), which stays
-        trainable. ``scale=None``: 1/std of the latents of ``images`` when given (:func:`estimate_scale`), else 1.0.
-        """
-        from gencore.latents import estimate_scale
-
-        codec = cls(
-            copy.deepcopy(_ae_from(ae)),
-            sample_posterior=sample_posterior,
-            scale=1.0 if scale is None else scale,
-            shift=shift,
-        )
-        if scale is None and images is not None:
-            estimate_scale(codec, images)
-        return codec
-
-    def _encode(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            posterior = self.model.encode(x)
-            return posterior.sample() if self.sample_posterior else posterior.mode()
-
-    def _decode(self, z: Tensor) -> Tensor:
-        return self.model.decode(z)
-
-
-def load_kl_first_stage(
-    path: str | os.PathLike | None,
-    *,
-    config: Any = None,
-    preset: str | None = None,
-    prefix: str | None = None,
-) -> tuple[AutoencoderKL, float | None]:
-    """(eval-mode autoencoder, scale factor found in the checkpoint / config or None) from a genlab export or run
-    folder, a genlab Lightning ``.ckpt``, or an official LDM / Stable Diffusion ``.ckpt`` / ``.safetensors``.
-
-    Official files are recognised by ``encoder.*`` or ``first_stage_model.encoder.*`` keys (or an explicit
-    ``prefix``); ``config`` / ``preset`` / ``prefix`` are passed to :func:`ldm.convert_autoencoder.load_autoencoder`.
-    The scale is the root ``scale_factor`` buffer (LDM ``scale_by_std``) or ``model.params.scale_factor`` of
-    ``config``.
-    """
-    from gencore.io import extract_state_dict, load_checkpoint
-    from gencore.run import load_module
-
-    if path is None:
-        raise ValueError("no first stage given: pass the autoencoder (first_stage=<run folder | export | .ckpt>)")
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"KL first stage not found: {p}")
-    if p.is_dir():
-        return _ae_from(load_module(p)).eval(), None
-    ckpt = load_checkpoint(p)
-    state = extract_state_dict(ckpt)
-    official = prefix is not None or any(k.startswith(("encoder.", "first_stage_model.encoder.")) for k in state)
-    if not official:
-        return _ae_from(load_module(p)).eval(), None
-    from ldm.convert_autoencoder import load_autoencoder, scale_factor_from
-
-    model = load_autoencoder(ckpt, config=config, preset=preset, prefix=prefix)
-    return model, scale_factor_from(state, config)
-
-
-def kl_codec(
-    path: str | os.PathLike,
-    *,
-    config: Any = None,
-    preset: str | None = None,
-    prefix: str | None = None,
-    scale: float | None = None,
-    shift: float = 0.0,
-    sample_posterior: bool = False,
-) -> KLCodec:
-    """Hydra target ``{_target_: ldm.models.autoencoder.kl_codec, path: runs/kl_f4/export}``: a :class:`KLCodec`
-    from a genlab export / run folder or an official ``.ckpt`` (see :func:`load_kl_first_stage`).
-
-    ``scale=None`` takes the scale stored with an official checkpoint (``scale_factor`` buffer or config), else 1.0;
-    for the Stable Diffusion VAE pass ``scale=0.18215`` (SD's config value) unless its yaml is given as ``config``.
-    """
-    model, found = load_kl_first_stage(path, config=config, preset=preset, prefix=prefix)
-    if scale is None:
-        scale = found if found is not None else 1.0
-    return KLCodec(model, sample_posterior=sample_posterior, scale=scale, shift=shift)
+        return getattr(importlib.import_module("ldm.first_stage"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
