@@ -20,7 +20,8 @@ from _harness import append_results, count_flops, matmul_rate, row, timeit
 from bench_sd3_mmdit import CONFIG, build
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from sd3_flow.sampling import classifier_free_guidance, euler_sample
+from gencore.diffusion import classifier_free_guidance
+from sd3_flow.sampling import euler_sample, flow_timesteps
 
 SHIFT, GUIDANCE = 3.0, 7.0
 
@@ -40,7 +41,8 @@ def main(dry_run: bool = False) -> None:
             return ours(x, context, pooled, t)
 
         velocity = classifier_free_guidance(model, GUIDANCE, uncond)
-        return euler_sample(velocity, x_T, steps, shift=SHIFT, cond={"context": context, "pooled": pooled})
+        sigmas = flow_timesteps(steps, SHIFT)
+        return euler_sample(velocity, x_T, sigmas, cond={"context": context, "pooled": pooled})
 
     def sample_ref() -> torch.Tensor:
         scheduler.set_timesteps(steps)

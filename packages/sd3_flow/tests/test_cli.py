@@ -1,5 +1,6 @@
 """End to end on real Fashion-MNIST: sd3-train (rectified flow, pixel space for speed), sd3-sample from a prompt
-file (console script), sd3-eval at two step counts; every experiment config composes."""
+file (console script) and for labels cycled to num_samples, sd3-eval at two step counts; every experiment config
+composes."""
 
 import csv
 import json
@@ -27,7 +28,7 @@ PIXEL = [
     "+module.transformer.out_channels=1",
     "+module.transformer.patch_size=4",
     "+module.transformer.sample_size=32",
-    "module.sample.steps=4",
+    "module.sample.num_steps=4",
     "datamodule.batch_size=16",
     "datamodule.num_workers=0",
     "datamodule.limit_val=32",
@@ -67,7 +68,7 @@ def test_train_sample_from_prompt_file_and_eval(tmp_path):
             f"prompts_file={prompts}",
             "num_per_prompt=2",
             f"out_dir={tmp_path / 's'}",
-            "sample.steps=4",
+            "sample.num_steps=4",
             "sample.guidance_scale=2.0",
         ],
         capture_output=True,
@@ -79,19 +80,26 @@ def test_train_sample_from_prompt_file_and_eval(tmp_path):
         "a photo of a bag"
     ] * 2
     assert len(list((tmp_path / "s").glob("0000*.png"))) == 4
+    cfg = compose(CONFIGS, "sample", [f"checkpoint={run_dir}", f"out_dir={tmp_path / 'l'}", "labels=[3,7]"])
+    cfg.num_samples, cfg.sample.num_steps, cfg.batch_size = 5, 2, 2
+    out_dir = tasks.sample(cfg)  # labels cycled to num_samples, in batches of 2
+    assert out_dir == tmp_path / "l" and len(list(out_dir.glob("0000*.png"))) == 5
+    data = np.load(out_dir / "samples.npz")
+    assert data["labels"].tolist() == [3, 7, 3, 7, 3] and data["images"].shape == (5, 1, 32, 32)
+    assert (out_dir / "prompts.txt").read_text().splitlines()[:2] == ["a photo of a dress", "a photo of a sneaker"]
     metrics = tasks.evaluate(
         {
             "checkpoint": str(run_dir),
             "num_samples": 20,
             "batch_size": 10,
-            "steps": [2, 4],
+            "num_steps": [2, 4],
             "seed": 0,
             "out_dir": str(tmp_path / "e"),
             "sample": {},
         }
     )
     assert set(metrics) == {"steps_2", "steps_4"} and "class_accuracy" in metrics["steps_4"]
-    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["steps_2"]["n"] == 20
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text()) == metrics and metrics["steps_2"]["n"] == 20
 
 
 def test_every_experiment_composes():
@@ -103,6 +111,10 @@ def test_every_experiment_composes():
         )
         assert cfg.module._target_ == "sd3_flow.lit.RectifiedFlowModule"
         assert cfg.module.objective in ("rf/lognorm(0.00,1.00)", "rf/mode(1.29)", "rf/cosmap", "rf", "eps/linear")
+        assert cfg.module.cond_stage_model._target_ == "sd3_flow.conditioning.SD3TextConditioner"
+        assert "text" not in cfg.module and "steps" not in cfg.module.sample and cfg.module.sample.num_steps > 0
+        if exp.startswith("fmnist"):
+            assert cfg.module.first_stage._target_ == "ldm.first_stage.kl_codec"
 
 
 def test_prompt_file_errors(tmp_path):

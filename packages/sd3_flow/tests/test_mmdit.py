@@ -1,5 +1,5 @@
 """The MMDiT (sd3_flow.models.mmdit): parity with diffusers' SD3Transformer2DModel, position table, presets and
-parameter counts, adaLN-Zero init, gradients, gradient checkpointing, input validation."""
+parameter counts, adaLN-Zero init (run by the constructor), gradients, gradient checkpointing, input validation."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_fmnist_tiny_forward_shape():
 
 def test_adaln_zero_init_zero_output_and_identity_blocks():
     cfg = dict(TINY, num_layers=3, dual_attention_layers=(1,))
-    model = MMDiT(**cfg).init_weights()
+    model = MMDiT(**cfg)  # the constructor initialises: nothing to forget before training from scratch
     x, ctx, pooled, t = _inputs(cfg, (16, 12))
     with torch.no_grad():
         assert torch.equal(model(x, ctx, pooled, t), torch.zeros_like(x))

@@ -1,12 +1,15 @@
-"""Text conditioning of SD3 (Sec. 5.2; ``Stability-AI/sd3.5: sd3_infer.py:get_cond``, diffusers' SD3 pipeline).
+"""Text conditioning of SD3 (Sec. 5.2; ``Stability-AI/sd3.5: sd3_infer.py:get_cond``, diffusers' SD3 pipeline), as
+a :class:`gencore.conditioning.Conditioner` injected into :class:`sd3_flow.lit.RectifiedFlowModule`.
 
 Three frozen encoders, combined:
 
 - CLIP-L (768) and CLIP-G (1280) token states (their penultimate layer) are concatenated on channels (2048) and
   zero-padded to ``joint_attention_dim`` (4096); T5-XXL states (4096) follow **on the sequence** axis;
 - the pooled vector is ``cat(CLIP-L pooled, CLIP-G pooled)`` (2048);
-- in training each encoder is dropped independently (its features zeroed per sample), so the model works without T5
-  and learns the unconditional input of classifier-free guidance.
+- in training each encoder is dropped independently (its features zeroed per sample, SD3: about 46.3 % each), so the
+  model works without T5 and learns the unconditional input of classifier-free guidance: all encoders dropped, i.e.
+  zeros of the conditional shapes (:meth:`SD3TextConditioner.unconditional`). The masks come from
+  :func:`gencore.diffusion.dropout_masks`, drawn on the features' device.
 
 Any subset works (an encoder that is absent contributes nothing); the offline toy default is one MiniLM encoder, whose
 384-d token states are the sequence and whose mean-pooled states the pooled vector. Encoders load from local folders
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gencore.conditioning import Conditioner, requested_captions, take
+from gencore.diffusion import check_probability, dropout_masks
 from gencore.modules import FrozenModule
 
 __all__ = ["SD3TextConditioner"]
@@ -33,8 +38,8 @@ __all__ = ["SD3TextConditioner"]
 CLIP_NAMES = ("clip_l", "clip_g")
 
 
-class SD3TextConditioner(FrozenModule):
-    """Frozen text encoders -> ``{"context": (B, L, joint_dim), "pooled": (B, pooled_dim)}``.
+class SD3TextConditioner(FrozenModule, Conditioner):
+    """Frozen text encoders: a batch's captions -> ``{"context": (B, L, joint_dim), "pooled": (B, pooled_dim)}``.
 
     Args:
         clip_l / clip_g / t5: local model folders, precomputed feature files (``.safetensors``) or encoder objects;
@@ -45,7 +50,14 @@ class SD3TextConditioner(FrozenModule):
         clip_max_length / t5_max_length / minilm_max_length: tokens per prompt (77 / 256 as the diffusers pipeline;
             the reference uses 77 for T5).
         clip_layer: hidden layer of the CLIP token states (-2: the penultimate, as SD3).
+        caption_key: the batch entry holding the captions (a list of strings).
+
+    ``conditioner(batch, n, drop=p)`` encodes and drops each encoder independently with probability ``p`` (a float
+    for all, or ``{encoder name: p}``); ``unconditional(n)`` is the all-dropped condition; ``generation_batch(n,
+    captions=..., labels=...)`` the batch of a generation request (Fashion-MNIST captions of ``labels`` by default).
     """
+
+    produces = ("context", "pooled")
 
     def __init__(
         self,
@@ -59,6 +71,7 @@ class SD3TextConditioner(FrozenModule):
         t5_max_length: int = 256,
         minilm_max_length: int = 16,
         clip_layer: int = -2,
+        caption_key: str = "caption",
     ) -> None:
         super().__init__()
         from gencore.text import text_encoder
@@ -97,6 +110,7 @@ class SD3TextConditioner(FrozenModule):
             raise ValueError(f"T5 width {widths['t5']} must equal joint_attention_dim {self.joint_attention_dim}")
         self.pooled_dim = sum(int(encoders[n].pooled_size) for n in ("clip_l", "clip_g", "minilm") if n in encoders)
         self.widths = widths
+        self.caption_key = caption_key
         self.freeze()
 
     @property
@@ -111,15 +125,16 @@ class SD3TextConditioner(FrozenModule):
         return {name: enc(list(prompts)) for name, enc in self.encoders.items()}
 
     def combine(
-        self, parts: Mapping[str, Mapping[str, Tensor]], keep: Mapping[str, Tensor] | None = None
+        self, parts: Mapping[str, Mapping[str, Tensor]], dropped: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """The SD3 layout from per-encoder features; ``keep[name]`` (B,) bool zeroes dropped encoders per sample."""
+        """The SD3 layout from per-encoder features; ``dropped[name]`` (B,) bool zeroes that encoder's features (tokens
+        and pooled) for the samples where it is True."""
 
         def kept(name: str, t: Tensor) -> Tensor:
-            if keep is None or name not in keep:
+            if dropped is None or name not in dropped:
                 return t
-            mask = keep[name].to(t.device, t.dtype).view(-1, *([1] * (t.dim() - 1)))
-            return t * mask
+            keep = (~dropped[name]).to(t.device, t.dtype).view(-1, *([1] * (t.dim() - 1)))
+            return t * keep
 
         d = self.joint_attention_dim
         seq: list[Tensor] = []
@@ -139,29 +154,79 @@ class SD3TextConditioner(FrozenModule):
                     pooled.append(kept(name, parts[name]["pooled"]))
         return {"context": torch.cat(seq, dim=1), "pooled": torch.cat(pooled, dim=-1)}
 
-    def forward(self, prompts: Sequence[str], keep: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        return self.combine(self.encode_parts(prompts), keep)
+    # ------------------------------------------------------------------------------------ the Conditioner interface
 
-    def random_keep(
+    def bind(self, *, model: nn.Module | None = None, **context: Any) -> None:
+        """Check that the network takes these features: its ``joint_attention_dim`` / ``pooled_projection_dim``."""
+        joint = getattr(model, "joint_attention_dim", None)
+        if joint is not None and joint != self.joint_attention_dim:
+            raise ValueError(
+                f"text features are {self.joint_attention_dim} wide, the transformer's joint_attention_dim is {joint}"
+            )
+        pooled = getattr(model, "pooled_projection_dim", None)
+        if pooled is not None and pooled != self.pooled_dim:
+            raise ValueError(f"pooled text is {self.pooled_dim} wide, the transformer expects {pooled}")
+
+    def encode_text(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """``{"context", "pooled"}`` of a list of prompts (no dropout)."""
+        return self.combine(self.encode_parts(prompts))
+
+    def encode(self, batch: Mapping[str, Any], n: int | None = None) -> dict[str, Tensor]:
+        """``{"context", "pooled"}`` of the captions ``batch[caption_key]`` (the first ``n``)."""
+        return self.encode_text(list(take(batch, self.caption_key, n, "a text-conditional model")))
+
+    def dropout_probabilities(self, drop: float | Mapping[str, float]) -> dict[str, float]:
+        """``{encoder name: p}`` from one probability for every encoder or a per-encoder mapping (absent names: 0);
+        a ValueError for a value outside [0, 1] or a name that is not one of the encoders."""
+        if isinstance(drop, Mapping):
+            unknown = sorted(set(drop) - set(self.names))
+            if unknown:
+                raise ValueError(f"text dropout for {unknown}: not among the encoders {list(self.names)}")
+            return {name: check_probability(drop.get(name, 0.0), f"p_drop_text[{name!r}]") for name in self.names}
+        p = check_probability(drop, "p_drop_text")
+        return dict.fromkeys(self.names, p)
+
+    def forward(
         self,
-        batch_size: int,
-        p_drop: float | Mapping[str, float],
+        batch: Mapping[str, Any],
+        n: int | None = None,
         *,
+        drop: float | Mapping[str, float] = 0.0,
         generator: torch.Generator | None = None,
-        device: Any = None,
     ) -> dict[str, Tensor]:
-        """Independent per-encoder dropout masks (SD3 drops each encoder with its own probability)."""
-        out = {}
-        for name in self.names:
-            p = float(p_drop.get(name, 0.0)) if isinstance(p_drop, Mapping) else float(p_drop)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"dropout probability for {name} must be in [0, 1], got {p}")
-            out[name] = torch.rand(batch_size, generator=generator, device=device) >= p
-        return out
+        """:meth:`encode`, each encoder dropped on its own with probability ``drop`` (float or ``{name: p}``): its
+        features zeroed for that sample (SD3). Masks from :func:`gencore.diffusion.dropout_masks` on the features'
+        device: no host->device copy, no host sync."""
+        parts = self.encode_parts(list(take(batch, self.caption_key, n, "a text-conditional model")))
+        probs = self.dropout_probabilities(drop)
+        if not any(probs.values()):
+            return self.combine(parts)
+        first = next(iter(parts.values()))["tokens"]  # (B, L, D)
+        dropped = dropout_masks(first.shape[0], probs, generator=generator, device=first.device)
+        return self.combine(parts, dropped)
 
-    def unconditional(self, batch_size: int, device: Any = None) -> dict[str, Tensor]:
-        """All encoders dropped: zeros of the conditional shapes (what training with dropout learned as "no text")."""
+    def unconditional(self, n: int) -> dict[str, Tensor]:
+        """All encoders dropped: zeros of the conditional shapes (what training with dropout learned as "no text"),
+        ``{"context": (n, L, joint_dim), "pooled": (n, pooled_dim)}`` (expanded views)."""
         parts = self.encode_parts([""])
-        zeros = {n: torch.zeros(1, dtype=torch.bool) for n in self.names}
-        out = self.combine(parts, zeros)
-        return {k: v.expand(batch_size, *v.shape[1:]).to(device) for k, v in out.items()}
+        device = next(iter(parts.values()))["tokens"].device
+        every = {name: torch.ones(1, dtype=torch.bool, device=device) for name in self.names}
+        out = self.combine(parts, every)
+        return {k: v.expand(n, *v.shape[1:]) for k, v in out.items()}
+
+    def generation_batch(
+        self,
+        n: int,
+        *,
+        captions: Sequence[str] | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        **request: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(``{caption_key: n captions}``, ``{"captions", "labels"?}``): the given ``captions``, or the Fashion-MNIST
+        captions of ``labels`` (default: random classes), as :func:`gencore.conditioning.requested_captions`."""
+        super().generation_batch(n, **request)  # refuses anything else
+        texts, picked = requested_captions(n, captions, labels)
+        outputs: dict[str, Any] = {"captions": texts}
+        if picked is not None:
+            outputs["labels"] = picked
+        return {self.caption_key: texts}, outputs

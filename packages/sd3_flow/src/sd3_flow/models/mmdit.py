@@ -21,7 +21,8 @@ the pooled text vector and the text token sequence. The parts, in the order of F
 - output (Fig. 2a "Modulation, Linear, Unpatching"): ``norm_out`` (adaLN-continuous: LN · (1 + scale) + shift),
   ``proj_out`` Linear(D, p·p·out) and unpatchify;
 - the model :class:`MMDiT`, ``forward(latents, context, pooled, timestep)`` with ``timestep = sigma * 1000``;
-  :meth:`MMDiT.init_weights` is the adaLN-Zero initialisation of DiT for training from scratch;
+  :meth:`MMDiT.init_weights` is the adaLN-Zero initialisation of DiT for training from scratch, run by the constructor
+  (a fresh model outputs exactly zero; loaded weights replace it);
 - presets (:data:`MMDIT_PRESETS`, :func:`mmdit_from_preset`): SD3-medium, SD3.5-medium / large, the paper's
   ``depth = d`` family (:func:`depth_config`: hidden 64·d, d heads, the ``MMDiTX`` rule), the Fashion-MNIST toy, the
   benchmark row and the unit-test size.
@@ -562,10 +563,11 @@ class MMDiT(nn.Module):
         )
         self.norm_out = AdaLayerNormContinuous(inner)
         self.proj_out = nn.Linear(inner, patch_size * patch_size * out_channels)
+        self.init_weights()  # every from-scratch path starts from adaLN-Zero (loaders overwrite it)
 
     @torch.no_grad()
     def init_weights(self) -> MMDiT:
-        """adaLN-Zero initialisation (DiT, Peebles & Xie 2023) for training from scratch.
+        """adaLN-Zero initialisation (DiT, Peebles & Xie 2023) for training from scratch; the constructor calls it.
 
         Xavier-uniform Linear weights and zero biases; the patch conv as a Linear (xavier on its flattened weight);
         N(0, 0.02²) for the timestep and pooled-text MLPs; qk-norm weights 1; **zero** every modulation Linear (so all

@@ -28,23 +28,30 @@ Loss weightings of :class:`RectifiedFlowLoss` follow diffusers' ``compute_loss_w
 as an importance weight over uniform t), "none" -> 1. Unlike the diffusers dreambooth script, t is sampled directly
 from the density (no lookup into a pre-shifted sigma table) and the target is v = eps - x0 (no x0 "preconditioning").
 
-Calling convention (shared with :mod:`sd3_flow.sampling`): a model is any callable ``fn(x_t, timestep)``
-(``cond=None``), ``fn(x_t, timestep, **cond)`` (``cond`` a mapping, e.g. ``{"encoder_hidden_states": ...,
-"pooled_projections": ...}``) or ``fn(x_t, timestep, cond)`` (any other ``cond``, e.g. a context tensor).
-``timestep`` is a float tensor of shape (B,) equal to ``t * timestep_scale``; ``timestep_scale = 1000`` is what SD3's
-MMDiT expects (diffusers passes ``sigma * 1000``; the sd3.5 reference ``ModelSamplingDiscreteFlow.timestep``).
+Calling convention (shared with :mod:`sd3_flow.sampling`): a model is called only through
+:func:`gencore.diffusion.call_denoiser`: ``fn(x_t, timestep)`` (``cond=None``), ``fn(x_t, timestep, **cond)`` (``cond``
+a mapping, e.g. ``{"context": ..., "pooled": ...}`` of :meth:`sd3_flow.lit.RectifiedFlowModule.velocity`) or
+``fn(x_t, timestep, cond)`` (any other ``cond``, e.g. a context tensor). ``timestep`` is a float tensor of shape (B,)
+equal to ``t * timestep_scale``; ``timestep_scale = 1000`` is what SD3's MMDiT expects (diffusers passes
+``sigma * 1000``; the sd3.5 reference ``ModelSamplingDiscreteFlow.timestep``). The per-timestep loss log is a
+:class:`gencore.diffusion.LossBuckets` the caller passes in (``buckets=``); classifier-free-guidance dropout is done by
+the conditioner (:class:`sd3_flow.conditioning.SD3TextConditioner`), not here. Nothing on the training path reads a
+tensor's values on the host.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from gencore.diffusion import LossBuckets, call_denoiser
+from gencore.modules import check_index_range
 
 __all__ = [
     "DENSITY_KINDS",
@@ -54,9 +61,6 @@ __all__ = [
     "EpsilonLinearLoss",
     "RectifiedFlowLoss",
     "TimestepDensity",
-    "apply_model",
-    "bucket_loss_log",
-    "drop_conditions",
     "implicit_weight",
     "ldm_linear_schedule",
     "loss_weight",
@@ -72,7 +76,6 @@ MODE_S_MIN = -1.0
 MODE_S_MAX = 2.0 / (math.pi - 2.0)  # ~1.7519: f_mode is monotone (a valid density) for s in [MODE_S_MIN, MODE_S_MAX]
 
 Model = Callable[..., Tensor]
-PUncond = float | Mapping[str | tuple[str, ...], float]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -291,100 +294,8 @@ class TimestepDensity:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared helpers: model calls, conditioning dropout, per-timestep logging
+# Loss weights
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def apply_model(fn: Model, x: Tensor, timestep: Tensor, cond: Any = None) -> Tensor:
-    """fn(x, timestep) | fn(x, timestep, **cond) for a mapping | fn(x, timestep, cond) otherwise."""
-    if cond is None:
-        return fn(x, timestep)
-    if isinstance(cond, Mapping):
-        return fn(x, timestep, **cond)
-    return fn(x, timestep, cond)
-
-
-def _mask_like(mask: Tensor, ref: Tensor) -> Tensor:
-    return mask.view(-1, *((1,) * (ref.dim() - 1)))
-
-
-def _replace(c: Tensor, u: Tensor, mask: Tensor, name: str) -> Tensor:
-    if not isinstance(c, Tensor) or not isinstance(u, Tensor):
-        raise ValueError(f"condition {name!r} and its unconditional value must be tensors to be dropped")
-    u = u.to(device=c.device, dtype=c.dtype)
-    try:
-        torch.broadcast_shapes(u.shape, c.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"unconditional value for {name!r} of shape {tuple(u.shape)} does not broadcast to {tuple(c.shape)}"
-        ) from err
-    return torch.where(_mask_like(mask, c), u, c)
-
-
-def drop_conditions(
-    cond: Any,
-    uncond: Any,
-    p_uncond: PUncond,
-    *,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[Any, dict[str, Tensor]]:
-    """Classifier-free guidance dropout: replace conditions by ``uncond`` for a random subset of the batch.
-
-    - Tensor ``cond``: ``p_uncond`` must be a float; rows with mask = 1 take ``uncond`` (broadcast, e.g. (1, L, D)).
-    - Mapping ``cond`` with a float ``p_uncond``: one shared mask drops every key present in ``uncond`` together.
-    - Mapping ``cond`` with a mapping ``p_uncond``: an independent mask per entry; an entry keyed by a tuple of names
-      drops those keys together (e.g. a CLIP encoder's hidden states and pooled vector; SD3 drops each of its three
-      text encoders independently with ~46.3%). Keys absent from ``uncond`` (or from ``p_uncond``) are kept.
-    Masks are drawn with ``torch.rand(batch_size)`` in the order of ``p_uncond``. Returns (new cond, {name: mask}).
-    """
-    if cond is None or uncond is None:
-        return cond, {}
-    if isinstance(p_uncond, Mapping):
-        if not isinstance(cond, Mapping):
-            raise ValueError("a per-key p_uncond needs mapping conditions, got a non-mapping cond")
-        groups = [((k,) if isinstance(k, str) else tuple(k), float(p)) for k, p in p_uncond.items()]
-    else:
-        groups = [(None, float(p_uncond))]
-    for keys, p in groups:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p_uncond must be in [0, 1], got {p!r} for {keys or 'all conditions'}")
-    if isinstance(cond, Mapping) and not isinstance(uncond, Mapping):
-        raise ValueError("mapping conditions need a mapping uncond")
-    masks: dict[str, Tensor] = {}
-    out = dict(cond) if isinstance(cond, Mapping) else cond
-    for keys, p in groups:
-        if p == 0.0:
-            continue
-        mask = torch.rand(batch_size, generator=generator, device=device) < p
-        if not isinstance(cond, Mapping):
-            masks["cond"] = mask
-            out = _replace(cond, uncond, mask, "cond")
-            continue
-        names = [k for k in (keys if keys is not None else cond.keys()) if k in cond and k in uncond]
-        for k in names:
-            out[k] = _replace(cond[k], uncond[k], mask.to(cond[k].device), k)
-        masks["+".join(keys) if keys is not None else "cond"] = mask
-    return out, masks
-
-
-def bucket_loss_log(per_sample: Tensor, t: Tensor, *, n_buckets: int, prefix: str = "loss_t") -> dict[str, Tensor]:
-    """Mean per-sample loss in ``n_buckets`` equal-width bins of t in [0, 1]: {"loss_t/0.00-0.10": ...}.
-
-    Only non-empty buckets appear. The flat mean of the flow loss is dominated by high-noise samples and looks flat
-    during training (kohya sd-scripts #1390); per-t curves show progress.
-    """
-    if n_buckets < 1:
-        return {}
-    per_sample, t = per_sample.detach().float(), t.detach().float()
-    idx = (t * n_buckets).long().clamp(0, n_buckets - 1)
-    sums = torch.zeros(n_buckets, device=t.device).index_add_(0, idx, per_sample)
-    counts = torch.bincount(idx, minlength=n_buckets)
-    log = {}
-    for b in counts.nonzero().flatten().tolist():
-        log[f"{prefix}/{b / n_buckets:.2f}-{(b + 1) / n_buckets:.2f}"] = sums[b] / counts[b]
-    return log
 
 
 def loss_weight(t: Tensor, weighting: str) -> Tensor:
@@ -401,18 +312,29 @@ def loss_weight(t: Tensor, weighting: str) -> Tensor:
     raise ValueError(f"unknown loss weighting={weighting!r}; expected one of {WEIGHTINGS}")
 
 
-def _check_p_uncond(p_uncond: PUncond) -> PUncond:
-    vals = p_uncond.values() if isinstance(p_uncond, Mapping) else [p_uncond]
-    for p in vals:
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"p_uncond must be in [0, 1], got p_uncond={p_uncond!r}")
-    return dict(p_uncond) if isinstance(p_uncond, Mapping) else float(p_uncond)
+def _mask_like(v: Tensor, ref: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against ``ref`` (B, ...)."""
+    return v.view(-1, *((1,) * (ref.dim() - 1)))
 
 
 def _mse_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     if pred.shape != target.shape:
         raise ValueError(f"model output shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+
+
+def _noise_like(x0: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    if noise is None:
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+    return noise
+
+
+def _check_timestep_scale(timestep_scale: float) -> float:
+    if isinstance(timestep_scale, bool) or not isinstance(timestep_scale, int | float) or not timestep_scale > 0:
+        raise ValueError(f"timestep_scale must be a number > 0, got timestep_scale={timestep_scale!r}")
+    return float(timestep_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -427,17 +349,18 @@ class RectifiedFlowLoss:
         density: a :class:`TimestepDensity` or its spec string (SD3: "rf/lognorm(0.00,1.00)").
         shift: t = shift_time(t0, shift) after sampling t0 ~ density (Eq. 23; for high-resolution fine-tuning).
         weighting: "none" | "sigma_sqrt" | "cosmap", an explicit per-sample weight of the loss (:func:`loss_weight`).
-        p_uncond: conditioning dropout probability (float, or per-key / per-key-group mapping, see
-            :func:`drop_conditions`); only applied when ``uncond`` is passed to ``__call__``.
-        n_buckets: number of equal-width t buckets for the per-timestep loss log (0 disables).
         timestep_scale: the model receives ``timestep = t * timestep_scale`` (SD3's MMDiT: 1000).
 
-    ``__call__(model_fn, x0, cond=None, *, uncond=None, noise=None, t=None, generator=None) -> (loss, log)``:
-    random draws (when not given) in the order t (n = B), noise (x0's shape), dropout masks, all from ``generator``
-    on x0's device. ``t`` overrides the sampled (already shifted) timesteps, shape (B,). ``loss`` is the weighted
-    mean; ``log`` holds detached scalars: "loss", "loss_unweighted", "t_mean", per-bucket unweighted
-    "loss_t/<lo>-<hi>", and "p_dropped/<name>" for the dropped-condition fractions.
+    ``__call__(model_fn, x0, cond=None, *, noise=None, t=None, generator=None, buckets=None) -> (loss, log)``: the
+    model is called through :func:`gencore.diffusion.call_denoiser`; random draws (when not given) in the order t
+    (n = B), noise (x0's shape), from ``generator`` on x0's device. ``t`` overrides the sampled (already shifted)
+    timesteps, shape (B,). ``loss`` is the weighted mean; ``log`` holds detached scalars "loss", "loss_unweighted"
+    and "t_mean". ``buckets`` (a :class:`gencore.diffusion.LossBuckets`) receives the unweighted per-sample losses at
+    their t (on the device, no host sync). Conditioning dropout is the conditioner's business, not the objective's.
     """
+
+    #: samplers that integrate what this objective trains (the first is the default)
+    samplers: tuple[str, ...] = ("euler", "heun")
 
     def __init__(
         self,
@@ -445,28 +368,20 @@ class RectifiedFlowLoss:
         *,
         shift: float = 1.0,
         weighting: str = "none",
-        p_uncond: PUncond = 0.0,
-        n_buckets: int = 10,
         timestep_scale: float = 1000.0,
     ) -> None:
         _check_shift(shift)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting={weighting!r}; expected one of {WEIGHTINGS}")
-        if n_buckets < 0:
-            raise ValueError(f"n_buckets must be >= 0, got n_buckets={n_buckets}")
-        if not timestep_scale > 0:
-            raise ValueError(f"timestep_scale must be > 0, got timestep_scale={timestep_scale!r}")
         self.density = TimestepDensity.parse(density)
         self.shift = float(shift)
         self.weighting = weighting
-        self.p_uncond = _check_p_uncond(p_uncond)
-        self.n_buckets = int(n_buckets)
-        self.timestep_scale = float(timestep_scale)
+        self.timestep_scale = _check_timestep_scale(timestep_scale)
 
     def __repr__(self) -> str:
         return (
             f"RectifiedFlowLoss(rf/{self.density}, shift={self.shift}, weighting={self.weighting!r}, "
-            f"p_uncond={self.p_uncond!r}, timestep_scale={self.timestep_scale})"
+            f"timestep_scale={self.timestep_scale})"
         )
 
     def sample_t(
@@ -481,10 +396,10 @@ class RectifiedFlowLoss:
         x0: Tensor,
         cond: Any = None,
         *,
-        uncond: Any = None,
         noise: Tensor | None = None,
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        buckets: LossBuckets | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         b = x0.shape[0]  # x0: (B, ...)
         if t is None:
@@ -492,41 +407,32 @@ class RectifiedFlowLoss:
         t = torch.as_tensor(t, device=x0.device).float().reshape(-1)  # (B,)
         if t.shape[0] != b:
             raise ValueError(f"t has {t.shape[0]} entries for a batch of {b}")
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        cond, masks = drop_conditions(cond, uncond, self.p_uncond, batch_size=b, generator=generator, device=x0.device)
+        noise = _noise_like(x0, noise, generator)
         tb = _mask_like(t, x0).to(x0.dtype)
         z_t = (1 - tb) * x0 + tb * noise  # Eq. 3: (B, ...)
         target = noise - x0  # v = dz_t / dt
-        pred = apply_model(model_fn, z_t, t * self.timestep_scale, cond)
+        pred = call_denoiser(model_fn, z_t, t * self.timestep_scale, cond)
         per_sample = _mse_per_sample(pred, target)  # (B,) mean over non-batch dims
         weight = loss_weight(t, self.weighting)  # (B,)
         loss = (weight * per_sample).mean()
-        log = {
-            "loss": loss.detach(),
-            "loss_unweighted": per_sample.detach().mean(),
-            "t_mean": t.mean(),
-            **bucket_loss_log(per_sample, t, n_buckets=self.n_buckets),
-        }
-        for name, mask in masks.items():
-            log[f"p_dropped/{name}"] = mask.float().mean()
+        if buckets is not None:
+            buckets.update(per_sample, t)
+        log = {"loss": loss.detach(), "loss_unweighted": per_sample.detach().mean(), "t_mean": t.mean()}
         return loss, log
 
 
 def ldm_linear_schedule(
-    num_timesteps: int = 1000, beta_start: float = 8.5e-4, beta_end: float = 0.012
+    num_train_timesteps: int = 1000, beta_start: float = 8.5e-4, beta_end: float = 0.012
 ) -> tuple[Tensor, Tensor]:
     """(betas, alphas_cumprod), float64 (T,): the LDM / SD "linear" schedule linspace(sqrt(b0), sqrt(b1), T)^2.
 
     (= diffusers ``beta_schedule="scaled_linear"``); T = 1000 gives alphas_cumprod[-1] = 0.004660.
     """
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got num_timesteps={num_timesteps}")
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
     if not 0 < beta_start <= beta_end < 1:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     return betas, torch.cumprod(1 - betas, dim=0)
 
 
@@ -537,31 +443,34 @@ class EpsilonLinearLoss:
     over non-batch dims, then batch). The model gets ``timestep = t * timestep_scale / T`` (the integer timestep,
     in [0, 1000) for the defaults), as a float tensor (B,). ``betas`` / ``alphas_cumprod`` (float64, CPU) feed
     :func:`sd3_flow.sampling.ddim_eps_sample`. Same calling convention and log as :class:`RectifiedFlowLoss`
-    (``t`` overrides are integer timesteps; the log buckets use t / T).
+    (``t`` overrides are integer timesteps, checked with :func:`gencore.modules.check_index_range`: a ValueError on
+    the CPU, an asynchronous device assertion on an accelerator; the buckets get t / T).
     """
+
+    samplers: tuple[str, ...] = ("ddim",)
 
     def __init__(
         self,
         *,
-        num_timesteps: int = 1000,
+        num_train_timesteps: int = 1000,
         beta_start: float = 8.5e-4,
         beta_end: float = 0.012,
-        p_uncond: PUncond = 0.0,
-        n_buckets: int = 10,
         timestep_scale: float = 1000.0,
     ) -> None:
-        if n_buckets < 0:
-            raise ValueError(f"n_buckets must be >= 0, got n_buckets={n_buckets}")
-        if not timestep_scale > 0:
-            raise ValueError(f"timestep_scale must be > 0, got timestep_scale={timestep_scale!r}")
-        self.betas, self.alphas_cumprod = ldm_linear_schedule(num_timesteps, beta_start, beta_end)
-        self.num_timesteps = int(num_timesteps)
-        self.p_uncond = _check_p_uncond(p_uncond)
-        self.n_buckets = int(n_buckets)
-        self.timestep_scale = float(timestep_scale)
+        self.timestep_scale = _check_timestep_scale(timestep_scale)
+        self.betas, self.alphas_cumprod = ldm_linear_schedule(num_train_timesteps, beta_start, beta_end)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self._device_tables: dict[torch.device, Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"EpsilonLinearLoss(eps/linear, T={self.num_timesteps}, p_uncond={self.p_uncond!r})"
+        return f"EpsilonLinearLoss(eps/linear, T={self.num_train_timesteps}, timestep_scale={self.timestep_scale})"
+
+    def _alphas_cumprod_on(self, device: torch.device) -> Tensor:
+        """alphas_cumprod on ``device``, copied there once (a copy every step would wait for the device)."""
+        table = self._device_tables.get(device)
+        if table is None:
+            table = self._device_tables[device] = self.alphas_cumprod.to(device)
+        return table
 
     def __call__(
         self,
@@ -569,39 +478,29 @@ class EpsilonLinearLoss:
         x0: Tensor,
         cond: Any = None,
         *,
-        uncond: Any = None,
         noise: Tensor | None = None,
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        buckets: LossBuckets | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         b = x0.shape[0]  # x0: (B, ...)
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
+            t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator, device=x0.device)
         t = torch.as_tensor(t, device=x0.device).reshape(-1)
         if t.is_floating_point() or t.shape[0] != b:
             raise ValueError(f"t must be an integer tensor with {b} entries, got dtype={t.dtype}, shape={t.shape}")
-        if int(t.min()) < 0 or int(t.max()) >= self.num_timesteps:
-            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}], got [{int(t.min())}, {int(t.max())}]")
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        cond, masks = drop_conditions(cond, uncond, self.p_uncond, batch_size=b, generator=generator, device=x0.device)
-        a = _mask_like(self.alphas_cumprod.to(x0.device)[t], x0)  # (B, 1, ...) float64
+        check_index_range(t, self.num_train_timesteps, "EpsilonLinearLoss: t")
+        noise = _noise_like(x0, noise, generator)
+        a = _mask_like(self._alphas_cumprod_on(x0.device)[t], x0)  # (B, 1, ...) float64
         x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(x0.dtype)
-        timestep = t.float() * (self.timestep_scale / self.num_timesteps)
-        pred = apply_model(model_fn, x_t, timestep, cond)
+        timestep = t.float() * (self.timestep_scale / self.num_train_timesteps)
+        pred = call_denoiser(model_fn, x_t, timestep, cond)
         per_sample = _mse_per_sample(pred, noise)
         loss = per_sample.mean()
-        t_unit = t.float() / self.num_timesteps
-        log = {
-            "loss": loss.detach(),
-            "loss_unweighted": loss.detach(),
-            "t_mean": t_unit.mean(),
-            **bucket_loss_log(per_sample, t_unit, n_buckets=self.n_buckets),
-        }
-        for name, mask in masks.items():
-            log[f"p_dropped/{name}"] = mask.float().mean()
+        t_unit = t.float() / self.num_train_timesteps
+        if buckets is not None:
+            buckets.update(per_sample, t_unit)
+        log = {"loss": loss.detach(), "loss_unweighted": loss.detach(), "t_mean": t_unit.mean()}
         return loss, log
 
 

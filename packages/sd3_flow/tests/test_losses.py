@@ -1,6 +1,6 @@
-"""sd3_flow.flow: timestep densities vs closed forms, the shift, the rf / eps-linear losses vs hand computations and
+"""sd3_flow.losses: timestep densities vs closed forms, the shift, the rf / eps-linear losses vs hand computations and
 diffusers' training utilities (pinned in behaviour: ``compute_density_for_timestep_sampling`` /
-``compute_loss_weighting_for_sd3`` of diffusers 0.42.1)."""
+``compute_loss_weighting_for_sd3`` of diffusers 0.42.1), the per-timestep loss buckets."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from itertools import pairwise
 import pytest
 import torch
 
-from sd3_flow.flow import (
+from gencore.diffusion import LossBuckets
+from gencore.testing import HostSyncError, no_host_sync
+from sd3_flow.losses import (
     MODE_S_MAX,
     EpsilonLinearLoss,
     RectifiedFlowLoss,
     TimestepDensity,
-    bucket_loss_log,
-    drop_conditions,
     implicit_weight,
     ldm_linear_schedule,
     loss_weight,
@@ -201,7 +201,9 @@ def test_rf_loss_equals_hand_computation() -> None:
     seen: list = []
     model = _linear_model(seen)
     for weighting in ("none", "sigma_sqrt", "cosmap"):
-        loss, log = RectifiedFlowLoss("rf/lognorm(0.00,1.00)", weighting=weighting)(model, x0, noise=noise, t=t)
+        buckets = LossBuckets(10)
+        loss_fn = RectifiedFlowLoss("rf/lognorm(0.00,1.00)", weighting=weighting)
+        loss, log = loss_fn(model, x0, noise=noise, t=t, buckets=buckets)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x0 + tb * noise
         pred = model(z, t * 1000)
@@ -209,9 +211,11 @@ def test_rf_loss_equals_hand_computation() -> None:
         w = {"none": torch.ones(4), "sigma_sqrt": t**-2, "cosmap": 2 / (math.pi * (1 - 2 * t + 2 * t**2))}[weighting]
         torch.testing.assert_close(loss, (w * per).mean())
         torch.testing.assert_close(log["loss_unweighted"], per.mean())
-        torch.testing.assert_close(log["loss_t/0.10-0.20"], per[0])
-        torch.testing.assert_close(log["loss_t/0.90-1.00"], per[3])
-        assert "loss_t/0.20-0.30" not in log
+        assert set(log) == {"loss", "loss_unweighted", "t_mean"}
+        means = buckets.compute()  # the unweighted per-sample losses, binned by t
+        assert set(means) == {"loss_t/0.10-0.20", "loss_t/0.40-0.50", "loss_t/0.60-0.70", "loss_t/0.90-1.00"}
+        assert means["loss_t/0.10-0.20"] == pytest.approx(per[0].item(), rel=1e-6)
+        assert means["loss_t/0.90-1.00"] == pytest.approx(per[3].item(), rel=1e-6)
     torch.testing.assert_close(seen[0], t * 1000)  # SD3 convention: timestep = t * 1000
     seen.clear()
     RectifiedFlowLoss(timestep_scale=1.0)(model, x0, noise=noise, t=t)
@@ -226,7 +230,7 @@ def test_rf_loss_samples_shifted_density_and_uses_generator() -> None:
         seen.append(timestep)
         return torch.zeros_like(x)
 
-    loss_fn = RectifiedFlowLoss("lognorm(0,1)", shift=3.0, n_buckets=0)
+    loss_fn = RectifiedFlowLoss("lognorm(0,1)", shift=3.0)
     l1, log = loss_fn(model, x0, generator=torch.Generator().manual_seed(10))
     l2, _ = loss_fn(model, x0, generator=torch.Generator().manual_seed(10))
     assert l1 == l2 and not any(k.startswith("loss_t/") for k in log)
@@ -244,57 +248,23 @@ def test_rf_weightings_equal_diffusers() -> None:
         torch.testing.assert_close(loss_weight(sigmas, scheme), ref)
 
 
-def test_conditioning_dropout_per_key() -> None:
-    b = 4000
-    cond = {"clip": torch.ones(b, 3, 2), "t5": torch.ones(b, 5, 2), "pooled": torch.ones(b, 4), "extra": torch.ones(b)}
-    uncond = {"clip": torch.zeros(1, 3, 2), "t5": torch.zeros(5, 2), "pooled": torch.zeros(4)}
-    g = torch.Generator().manual_seed(11)
-    out, masks = drop_conditions(cond, uncond, {("clip", "pooled"): 0.5, "t5": 0.2}, batch_size=b, generator=g)
-    clip_dropped = out["clip"].flatten(1).sum(1) == 0
-    t5_dropped = out["t5"].flatten(1).sum(1) == 0
-    assert torch.equal(clip_dropped, out["pooled"].sum(1) == 0)  # grouped keys share one mask
-    assert torch.equal(clip_dropped, masks["clip+pooled"]) and torch.equal(t5_dropped, masks["t5"])
-    assert clip_dropped.float().mean().item() == pytest.approx(0.5, abs=0.04)
-    assert t5_dropped.float().mean().item() == pytest.approx(0.2, abs=0.03)
-    both = (clip_dropped & t5_dropped).float().mean().item()
-    assert both == pytest.approx(0.1, abs=0.03)  # independent
-    assert out["extra"] is cond["extra"]  # not in uncond / p_uncond: kept
-    # a float p drops every key present in uncond together; keys absent from uncond are kept
-    out, masks = drop_conditions(cond, {"clip": torch.zeros(3, 2)}, 1.0, batch_size=b)
-    assert out["clip"].abs().sum() == 0 and torch.equal(out["t5"], cond["t5"])
-    # tensor conditions
-    out, masks = drop_conditions(torch.ones(8, 2), torch.zeros(1, 2), 0.5, batch_size=8, generator=g)
-    torch.testing.assert_close(out[:, 0], (~masks["cond"]).float())
-    # no uncond: nothing is dropped (validation)
-    out, masks = drop_conditions(cond, None, 0.5, batch_size=b)
-    assert out is cond and masks == {}
-
-
-def test_rf_loss_applies_dropout_to_model_inputs() -> None:
-    x0 = torch.zeros(64, 3, 4, 4)
-    seen: list = []
-
-    def model(x, timestep, ctx, pooled):
-        seen.append((ctx, pooled))
-        return torch.zeros_like(x)
-
-    cond = {"ctx": torch.ones(64, 2), "pooled": torch.ones(64)}
-    loss_fn = RectifiedFlowLoss(p_uncond={"ctx": 0.5})
-    _, log = loss_fn(model, x0, cond, uncond={"ctx": torch.zeros(2)}, generator=torch.Generator().manual_seed(12))
-    ctx, pooled = seen[-1]
-    dropped = (ctx.sum(1) == 0).float().mean()
-    assert 0.2 < dropped.item() < 0.8 and torch.equal(pooled, cond["pooled"])
-    torch.testing.assert_close(log["p_dropped/ctx"], dropped)
-    _, log = loss_fn(model, x0, cond)  # no uncond: no dropout
-    assert torch.equal(seen[-1][0], cond["ctx"]) and not any(k.startswith("p_dropped") for k in log)
-
-
-def test_bucket_log() -> None:
-    per = torch.tensor([1.0, 2.0, 3.0, 5.0])
-    t = torch.tensor([0.05, 0.06, 0.5, 1.0])
-    log = bucket_loss_log(per, t, n_buckets=4)
-    assert set(log) == {"loss_t/0.00-0.25", "loss_t/0.50-0.75", "loss_t/0.75-1.00"}
-    assert log["loss_t/0.00-0.25"].item() == 1.5 and log["loss_t/0.75-1.00"].item() == 5.0
+def test_loss_buckets_accumulate_on_the_device_without_host_sync() -> None:
+    """The objectives feed gencore.diffusion.LossBuckets (an index_add_ per step, no host read); the bin means come
+    out only when asked (one read)."""
+    buckets = LossBuckets(4)
+    per, t = torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0.05, 0.06, 0.5, 1.0])
+    x0 = torch.zeros(4, 2)
+    with no_host_sync():
+        for _ in range(2):
+            RectifiedFlowLoss()(lambda x, ts: x, x0, t=t, buckets=buckets)
+            EpsilonLinearLoss()(lambda x, ts: x, x0, t=torch.tensor([0, 10, 500, 999]), buckets=buckets)
+        with pytest.raises(HostSyncError):
+            buckets.compute()
+    means = buckets.compute()
+    assert set(means) == {"loss_t/0.00-0.25", "loss_t/0.50-0.75", "loss_t/0.75-1.00"}
+    buckets.reset()
+    buckets.update(per, t)
+    assert buckets.compute() == {"loss_t/0.00-0.25": 1.5, "loss_t/0.50-0.75": 3.0, "loss_t/0.75-1.00": 5.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,7 +298,10 @@ def test_eps_linear_loss_equals_hand_computation() -> None:
     per = ((model(xt, t.float()) - noise) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(loss, per.mean())
     torch.testing.assert_close(seen[0], t.float())  # the integer timestep, as a float in [0, 1000)
-    assert set(log) >= {"loss", "t_mean", "loss_t/0.00-0.10", "loss_t/0.50-0.60", "loss_t/0.90-1.00"}
+    assert set(log) == {"loss", "loss_unweighted", "t_mean"}
+    buckets = LossBuckets(10)
+    loss_fn(model, x0, noise=noise, t=t, buckets=buckets)  # binned by t / T
+    assert set(buckets.compute()) == {"loss_t/0.00-0.10", "loss_t/0.50-0.60", "loss_t/0.90-1.00"}
     # sampled t is uniform over {0..T-1}
     seen.clear()
     loss_fn(model, torch.zeros(4000, 3, 4, 4), generator=torch.Generator().manual_seed(14))
@@ -342,7 +315,9 @@ def test_make_objective() -> None:
     assert isinstance(rf, RectifiedFlowLoss) and rf.density == TimestepDensity.lognorm() and rf.shift == 3.0
     assert make_objective("rf").density == TimestepDensity.uniform()
     assert make_objective("rf/mode(1.29)").density == TimestepDensity.mode(1.29)
-    assert isinstance(make_objective("eps/linear"), EpsilonLinearLoss)
+    eps = make_objective("eps/linear", num_train_timesteps=500)
+    assert isinstance(eps, EpsilonLinearLoss) and eps.num_train_timesteps == 500 and eps.alphas_cumprod.shape == (500,)
+    assert rf.samplers == ("euler", "heun") and eps.samplers == ("ddim",)  # what a recipe may sample them with
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,11 +352,27 @@ def test_bad_inputs() -> None:
         RectifiedFlowLoss(weighting="snr")
     with pytest.raises(ValueError, match="unknown loss weighting"):
         loss_weight(torch.ones(2), "min_snr")
-    with pytest.raises(ValueError, match="p_uncond"):
-        RectifiedFlowLoss(p_uncond=1.5)
+    with pytest.raises(TypeError, match="p_uncond"):  # dropout is the conditioner's now
+        RectifiedFlowLoss(p_uncond=0.1)
+    with pytest.raises(TypeError, match="num_timesteps"):
+        EpsilonLinearLoss(num_timesteps=1000)
+    with pytest.raises(ValueError, match="timestep_scale"):
+        RectifiedFlowLoss(timestep_scale=0.0)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        ldm_linear_schedule(0)
     with pytest.raises(ValueError, match="unknown objective"):
         make_objective("v/linear")
     with pytest.raises(ValueError, match="model output shape"):
         RectifiedFlowLoss()(lambda x, t: x[:, :1], torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="t must lie"):
+    with pytest.raises(ValueError, match=r"EpsilonLinearLoss: t: index 1000 is outside \[0, 1000\)"):
         EpsilonLinearLoss()(lambda x, t: x, torch.zeros(2, 3), t=torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        EpsilonLinearLoss()(lambda x, t: x, torch.zeros(2, 3), t=torch.tensor([0.5, 1.0]))
+
+
+def test_eps_t_check_does_not_sync() -> None:
+    """Under the host-sync guard the range check of t is an asynchronous device assertion, not a host read."""
+    loss_fn = EpsilonLinearLoss()
+    with no_host_sync():
+        loss, _ = loss_fn(lambda x, t: x, torch.zeros(2, 3), t=torch.tensor([0, 999]))
+    assert torch.isfinite(loss)

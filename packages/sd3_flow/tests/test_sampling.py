@@ -1,5 +1,6 @@
 """sd3_flow.sampling: the sigma grid vs diffusers 0.42.1, Euler / Heun / DDIM on Gaussian data with the exact
-(analytic) velocity / eps fields, Euler vs FlowMatchEulerDiscreteScheduler, classifier-free guidance."""
+(analytic) velocity / eps fields over grids passed in, Euler vs FlowMatchEulerDiscreteScheduler, DDIM vs diffusers'
+DDIMScheduler, gencore's classifier-free guidance as a sampler wrapper."""
 
 from __future__ import annotations
 
@@ -8,15 +9,9 @@ import math
 import pytest
 import torch
 
-from sd3_flow.flow import ldm_linear_schedule
-from sd3_flow.sampling import (
-    classifier_free_guidance,
-    ddim_eps_sample,
-    ddim_timesteps,
-    euler_sample,
-    flow_timesteps,
-    heun_sample,
-)
+from gencore.diffusion import classifier_free_guidance, ddim_timesteps
+from sd3_flow.losses import ldm_linear_schedule
+from sd3_flow.sampling import ddim_eps_sample, euler_sample, flow_timesteps, heun_sample
 
 MU = torch.tensor([1.5, -0.5, 0.0])  # data ~ N(MU, STD^2) per coordinate
 STD = torch.tensor([0.5, 2.0, 1.0])
@@ -84,14 +79,14 @@ def test_euler_reproduces_gaussian_mean_std() -> None:
     v = gaussian_velocity()
     errs = {}
     for n in (50, 100, 200):
-        b, a = affine_map(euler_sample, v, num_steps=n, shift=3.0)
+        b, a = affine_map(euler_sample, v, sigmas=flow_timesteps(n, 3.0))
         torch.testing.assert_close(b, MU.double(), atol=1e-10, rtol=0)  # the mean path has constant velocity -mu
         errs[n] = (a - STD.double()).abs().max().item()
     # first-order convergence: the error halves with the step count; ~2.7 / n here
     assert errs[200] < 0.02 and errs[100] / errs[200] == pytest.approx(2.0, rel=0.1)
     # the same on sampled noise (B = 2048): moments within discretisation + Monte Carlo tolerance
     g = torch.Generator().manual_seed(0)
-    x = euler_sample(v, torch.randn(2048, 3, generator=g), 200, shift=3.0)
+    x = euler_sample(v, torch.randn(2048, 3, generator=g), flow_timesteps(200, 3.0))
     assert (x.mean(0) - MU).abs().max().item() < 4 * STD.max().item() / math.sqrt(2048)
     assert (x.std(0) / STD - 1).abs().max().item() < 0.02 + 4 / math.sqrt(2 * 2048)
 
@@ -108,7 +103,7 @@ def test_euler_matches_diffusers_scheduler() -> None:
         for ts in sched.timesteps:
             x = sched.step(v(x, ts.expand(x.shape[0])), ts, x).prev_sample
         steps: list = []
-        ours = euler_sample(v, x_T, n, shift=3.0, callback=steps.append)
+        ours = euler_sample(v, x_T, flow_timesteps(n, 3.0), callback=steps.append)
         torch.testing.assert_close(ours, x, atol=1e-5, rtol=0)
         assert len(steps) == n and steps[-1]["t_next"] == 0.0
 
@@ -123,9 +118,9 @@ def test_heun_beats_euler_at_equal_evaluations() -> None:
 
     for n in (5, 10, 25):
         calls["n"] = 0
-        _, a_heun = affine_map(heun_sample, counted, num_steps=n, shift=3.0)
+        _, a_heun = affine_map(heun_sample, counted, sigmas=flow_timesteps(n, 3.0))
         assert calls["n"] == 2 * n - 1  # the last step (to t = 0) is Euler
-        _, a_euler = affine_map(euler_sample, v, num_steps=2 * n - 1, shift=3.0)
+        _, a_euler = affine_map(euler_sample, v, sigmas=flow_timesteps(2 * n - 1, 3.0))
         err_heun = (a_heun - STD.double()).abs().max().item()
         err_euler = (a_euler - STD.double()).abs().max().item()
         assert err_heun < 0.6 * err_euler
@@ -143,14 +138,35 @@ def test_samplers_are_device_and_dtype_agnostic_and_pass_cond() -> None:
     x_T = torch.zeros(2, 3, dtype=torch.float64)
     ctx = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
     for sampler in (euler_sample, heun_sample):
-        out = sampler(velocity, x_T, 3, cond=ctx)  # x_0 = x_1 - integral of v = -ctx
+        out = sampler(velocity, x_T, flow_timesteps(3), cond=ctx)  # x_0 = x_1 - integral of v = -ctx
         torch.testing.assert_close(out, -ctx.expand(2, 3))
     assert seen[0] == (torch.float64, x_T.device, (2,))
-    out = euler_sample(lambda x, t, y=None: x * 0 + y, x_T, 2, cond={"y": ctx})
+    out = euler_sample(lambda x, t, y=None: x * 0 + y, x_T, flow_timesteps(2), cond={"y": ctx})
     torch.testing.assert_close(out, -ctx.expand(2, 3))
-    # custom grid: stop half-way
-    out = euler_sample(lambda x, t: torch.ones_like(x), x_T, 0, sigmas=[1.0, 0.5])
+
+
+def test_any_grid_can_be_passed_in() -> None:
+    """The step grid is an argument (k-diffusion style): a list or tensor, stopping anywhere, any timestep scale."""
+    x_T = torch.zeros(2, 3, dtype=torch.float64)
+    seen: list = []
+
+    def field(x, t):
+        seen.append(t[0].item())
+        return torch.ones_like(x)
+
+    out = euler_sample(field, x_T, [1.0, 0.5], timestep_scale=1.0)  # stop half-way
     torch.testing.assert_close(out, torch.full_like(x_T, -0.5))
+    assert seen == [1.0]
+    seen.clear()
+    out = heun_sample(field, x_T, torch.tensor([0.8, 0.4, 0.1]), timestep_scale=10.0)
+    torch.testing.assert_close(out, torch.full_like(x_T, -0.7))  # constant field: Heun is exact
+    assert seen == pytest.approx([8.0, 4.0, 4.0, 1.0])  # predictor at t, corrector at t'
+    # the same grid twice gives the same path (pure functions)
+    v = gaussian_velocity()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, generator=g)
+    grid = flow_timesteps(6, 2.0)
+    assert torch.equal(euler_sample(v, x, grid), euler_sample(v, x, grid.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,6 +188,7 @@ def gaussian_eps(ac: torch.Tensor, mu: torch.Tensor = MU, std: torch.Tensor = ST
 
 
 def test_ddim_timesteps_ldm_spacing() -> None:
+    """The grid the recipe passes (gencore.diffusion.ddim_timesteps, LDM's make_ddim_timesteps)."""
     assert ddim_timesteps(5) == [1, 201, 401, 601, 801]
     assert len(ddim_timesteps(10)) == 10 and ddim_timesteps(10)[-1] == 901
     assert len(ddim_timesteps(25)) == 25 and ddim_timesteps(25)[-1] == 961
@@ -190,7 +207,7 @@ def test_ddim_baseline_on_gaussian_data() -> None:
         a_T = ac[ddim_timesteps(n)[-1]].item()
         m_T, s_T = math.sqrt(a_T) * MU.double(), (a_T * STD.double() ** 2 + 1 - a_T).sqrt()
         x_T = torch.stack([m_T, m_T + s_T])  # z = 0 and z = 1 of the marginal
-        out = ddim_eps_sample(eps, x_T, ac, n)
+        out = ddim_eps_sample(eps, x_T, ac, ddim_timesteps(n))
         b, a = out[0], (out[1] - out[0])
         errs[n] = max((b - target_mean).abs().max().item(), (a - target_std).abs().max().item())
     # DDIM is first order even here (for std = 1 it contracts x by cos(theta - theta') per step): ~2 / n
@@ -199,8 +216,15 @@ def test_ddim_baseline_on_gaussian_data() -> None:
     assert errs[50] / errs[100] == pytest.approx(2.0, rel=0.1)
     # the model receives the integer timestep (scale 1000 / T = 1)
     seen: list = []
-    ddim_eps_sample(lambda x, t: seen.append(t) or torch.zeros_like(x), torch.zeros(2, 3), ac, 5)
+    steps: list = []
+    zero = lambda x, t: seen.append(t) or torch.zeros_like(x)
+    ddim_eps_sample(zero, torch.zeros(2, 3), ac, ddim_timesteps(5), callback=steps.append)
     assert [int(t[0]) for t in seen] == [801, 601, 401, 201, 1]
+    assert [s["t_next"] for s in steps] == [601, 401, 201, 1, 0] and set(steps[0]) >= {"x", "x0", "out"}
+    # any ascending grid, e.g. a hand-picked one; the timestep scale maps t to what the network expects
+    seen.clear()
+    ddim_eps_sample(zero, torch.zeros(2, 3), ac, [0, 500, 999], timestep_scale=1.0)
+    assert [round(float(t[0]) * 1000) for t in seen] == [999, 500, 0]
 
 
 def test_ddim_matches_diffusers_ddim() -> None:
@@ -216,11 +240,11 @@ def test_ddim_matches_diffusers_ddim() -> None:
     x = x_T.clone()
     for ts in sched.timesteps:
         x = sched.step(eps(x, ts.expand(4).double()), ts, x, eta=0.0).prev_sample
-    torch.testing.assert_close(ddim_eps_sample(eps, x_T, ac, 10), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ddim_eps_sample(eps, x_T, ac, ddim_timesteps(10)), x, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# classifier-free guidance
+# classifier-free guidance (gencore's wrapper around the sampled function)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -233,27 +257,22 @@ def _cond_model(calls: list):
     return fn
 
 
-def test_cfg_scale_one_zero_and_formula() -> None:
+def test_guided_sampling_equals_the_guidance_formula_at_every_step() -> None:
     g = torch.Generator().manual_seed(3)
-    x, t = torch.randn(4, 3, generator=g), torch.full((4,), 500.0)
-    ctx, uctx = torch.randn(4, 5, generator=g), torch.zeros(1, 5)
+    x, ctx, pooled = torch.randn(4, 3, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, 1, generator=g)
     calls: list = []
     fn = _cond_model(calls)
-    c, u = fn(x, t, ctx), fn(x, t, uctx.expand(4, 5))
-    assert torch.equal(classifier_free_guidance(fn, 1.0, uctx)(x, t, ctx), c)
-    assert torch.equal(classifier_free_guidance(fn, 0.0, uctx)(x, t, ctx), u)
-    calls.clear()
-    out = classifier_free_guidance(fn, 5.0, uctx)(x, t, ctx)
-    assert calls == [8]  # one doubled batch
-    torch.testing.assert_close(out, u + 5.0 * (c - u))
-    # dict conditions: keys absent from uncond are shared between the halves
-    pooled = torch.randn(4, 1, generator=g)
-    guided = classifier_free_guidance(fn, 3.0, {"ctx": torch.zeros(5)})
-    c, u = fn(x, t, ctx, pooled), fn(x, t, torch.zeros(4, 5), pooled)
-    torch.testing.assert_close(guided(x, t, ctx=ctx, pooled=pooled), u + 3.0 * (c - u))
-    # as a sampler wrapper
-    out = euler_sample(guided, x, 3, cond={"ctx": ctx, "pooled": pooled})
-    assert out.shape == x.shape
+    guided = classifier_free_guidance(fn, 3.0, {"ctx": torch.zeros(1, 5)})  # pooled is shared by both halves
+    steps: list = []
+    out = euler_sample(guided, x, flow_timesteps(3), cond={"ctx": ctx, "pooled": pooled}, callback=steps.append)
+    assert calls == [8, 8, 8]  # one doubled batch per step
+    z = x
+    for step in steps:  # the same Euler path with out_u + 3 (out_c - out_u) written out
+        t = torch.full((4,), step["t"] * 1000)
+        c, u = fn(z, t, ctx, pooled), fn(z, t, torch.zeros(4, 5), pooled)
+        z = z + (step["t_next"] - step["t"]) * (u + 3.0 * (c - u))
+        torch.testing.assert_close(step["x"], z)
+    torch.testing.assert_close(out, z)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,25 +282,25 @@ def test_cfg_scale_one_zero_and_formula() -> None:
 
 def test_bad_inputs() -> None:
     v = gaussian_velocity()
-    for n in (0, -1, 2.5):
+    for n in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_steps"):
             flow_timesteps(n)
-        with pytest.raises(ValueError, match="num_steps"):
-            euler_sample(v, torch.zeros(1, 3), n)
-        with pytest.raises(ValueError, match="num_steps"):
-            heun_sample(v, torch.zeros(1, 3), n)
     with pytest.raises(ValueError, match="shift"):
         flow_timesteps(4, 0.0)
     with pytest.raises(ValueError, match="shift"):
-        euler_sample(v, torch.zeros(1, 3), 4, shift=-2.0)
-    with pytest.raises(ValueError, match="sigmas"):
-        euler_sample(v, torch.zeros(1, 3), 0, sigmas=[0.0, 1.0])
+        flow_timesteps(4, -2.0)
+    for sampler in (euler_sample, heun_sample):
+        for bad in ([0.0, 1.0], [1.0], [1.0, 1.0, 0.0], torch.tensor([0.5, 0.7])):
+            with pytest.raises(ValueError, match="sigmas must be strictly decreasing"):
+                sampler(v, torch.zeros(1, 3), bad)
+        with pytest.raises(ValueError, match="sigmas must be a descending grid"):
+            sampler(v, torch.zeros(1, 3), 4)  # a step count where the grid belongs
     _, ac = ldm_linear_schedule()
     with pytest.raises(ValueError, match="num_steps=3"):
-        ddim_eps_sample(lambda x, t: x, torch.zeros(1, 3), ac, 3)  # the +1 offset reaches t = 1000
+        ddim_timesteps(3)  # the +1 offset reaches t = 1000
     with pytest.raises(ValueError, match="num_steps"):
-        ddim_eps_sample(lambda x, t: x, torch.zeros(1, 3), ac, 0)
-    with pytest.raises(ValueError, match="scale"):
-        classifier_free_guidance(v, float("nan"), torch.zeros(1))
-    with pytest.raises(ValueError, match="uncond"):
-        classifier_free_guidance(v, 2.0, None)
+        ddim_timesteps(0)
+    with pytest.raises(ValueError, match="timesteps must be ascending"):
+        ddim_eps_sample(lambda x, t: x, torch.zeros(1, 3), ac, [801, 1])
+    with pytest.raises(ValueError, match="timesteps must be ascending"):
+        ddim_eps_sample(lambda x, t: x, torch.zeros(1, 3), ac, [1, 1000])
