@@ -7,7 +7,8 @@ official name ``cond_stage_model``, and never asks which kind it is. A condition
   classifier-free-guidance dropout when asked (``drop=p``);
 - knows the unconditional condition (``unconditional(n)``; ``None`` when the model cannot be guided);
 - builds the batch a generation request stands for (``generation_batch(n, labels=..., captions=...)``), and says
-  what to return with the images (the labels / captions used).
+  what to return with the images (the labels / captions used), and what an evaluation asks for by default
+  (``evaluation_request()``).
 
 The package owns its conditioners (an LDM class token for cross-attention, SD3's three text encoders, taming's
 token providers), because what a condition becomes is the model's business; this module owns the interface, the
@@ -75,6 +76,11 @@ class Conditioner(nn.Module):
         b = cond_batch_size(cond)
         out, _ = drop_condition(cond, self.unconditional(b), drop, generator=generator)
         return out
+
+    def evaluation_request(self) -> dict[str, Any]:
+        """The ``generate`` arguments a package's ``<name>-eval`` uses unless its config gives others (a class
+        conditioner: every class in turn, so that class accuracy is measured on a balanced set)."""
+        return {}
 
     def generation_batch(self, n: int, **request: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the batch that conditions ``n`` samples, what to return with the images) for a request such as

@@ -223,11 +223,6 @@ class LatentConditioner(Conditioner):
         z = module.sample_latents(n, module.conditions(batch, n), **opts)
         return {"samples": module.decode(z).clamp(-1, 1)}
 
-    def evaluation_request(self) -> dict[str, Any]:
-        """The generation request ``ldm-eval`` makes unless the config gives one (class models: every class in
-        turn)."""
-        return {}
-
 
 def _to(value: Any, device: torch.device) -> Any:
     return value.to(device, non_blocking=True) if isinstance(value, Tensor) else value

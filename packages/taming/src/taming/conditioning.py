@@ -130,10 +130,6 @@ class TokenConditioner(Conditioner):
         this conditioner does not take (``labels``, ``cond_images``, ...) must be ``None``."""
         return super().generation_batch(n, **request)
 
-    def evaluation_request(self) -> dict[str, Any]:
-        """``generate`` arguments that sample metrics use by default (e.g. every class in turn)."""
-        return {}
-
     def log_conditioning(self, batch: Mapping[str, Any], n: int | None = None) -> dict[str, Tensor]:
         """Images of the conditions, for the logged grids (name -> (B, C, H, W))."""
         return {}
