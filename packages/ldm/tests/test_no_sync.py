@@ -8,7 +8,7 @@ import torch
 
 from gencore.data import FashionMNISTDataModule
 from gencore.data.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, caption_for
-from gencore.testing import assert_no_host_sync
+from gencore.testing import assert_no_host_sync, sync_test_devices
 from ldm.conditioning import ClassConditioner, InpaintingConditioner, TextConditioner
 from ldm.first_stage import KLCodec
 from ldm.lit import AutoencoderKLModule, LatentDiffusion
@@ -18,13 +18,8 @@ from ldm.models.unet import unet_from_preset
 
 pytestmark = [
     pytest.mark.skipif(not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST missing"),
-    pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode"),
 ]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def accelerator(device: str) -> str:
-    return "gpu" if device == "cuda" else "cpu"
+DEVICES = sync_test_devices()
 
 
 def data(size: int = 16) -> FashionMNISTDataModule:
@@ -43,7 +38,7 @@ def test_class_recipe(device):
     m = LatentDiffusion(
         pixel_unet(), None, ClassConditioner(10), image_channels=1, image_size=16, p_uncond=0.5, scale_by_std=True
     )
-    assert_no_host_sync(m, data(), steps=3, warmup=1, accelerator=accelerator(device))
+    assert_no_host_sync(m, data(), steps=3, warmup=1, device=device)
     assert m.latent_norm.ready
 
 
@@ -56,7 +51,7 @@ def test_text_recipe(device):
     )
     encoder = m.cond_stage_model.to(device).encoder
     encoder([caption_for(c) for c in range(len(CLASS_NAMES))] + [""])  # warm the feature cache
-    assert_no_host_sync(m, data(), steps=3, warmup=1, accelerator=accelerator(device))
+    assert_no_host_sync(m, data(), steps=3, warmup=1, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,7 +61,7 @@ def test_inpainting_recipe(device):
     ae = build_autoencoder("tiny", ddconfig={"in_channels": 1, "out_ch": 1, "attn_resolutions": []})
     unet = unet_from_preset("tiny", in_channels=9, context_dim=None, use_spatial_transformer=False)
     m = LatentDiffusion(unet, KLCodec(ae), InpaintingConditioner(), image_size=32, scale_factor=0.5)
-    assert_no_host_sync(m, data(32), steps=2, warmup=1, accelerator=accelerator(device))
+    assert_no_host_sync(m, data(32), steps=2, warmup=1, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,4 +74,4 @@ def test_autoencoder_gan_recipe(device):
         disc_start=0, kl_weight=1e-6, disc_in_channels=1, disc_ndf=8, disc_num_layers=2, perceptual="fmnist"
     )
     m = AutoencoderKLModule(ae, loss, learning_rate=1e-4, scale_lr=False)
-    assert_no_host_sync(m, data(32), steps=2, warmup=1, accelerator=accelerator(device))
+    assert_no_host_sync(m, data(32), steps=2, warmup=1, device=device)

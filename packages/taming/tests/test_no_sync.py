@@ -6,7 +6,7 @@ import torch
 
 from gencore.data import FashionMNISTDataModule
 from gencore.data.fashion_mnist import DEFAULT_ROOT
-from gencore.testing import assert_no_host_sync
+from gencore.testing import assert_no_host_sync, sync_test_devices
 from taming.conditioning import ClassConditioner, SOSConditioner, SpatialConditioner
 from taming.lit import Net2NetTransformer, VQGANModule
 from taming.losses import VQLPIPSWithDiscriminator
@@ -17,10 +17,8 @@ pytestmark = [
     pytest.mark.skipif(
         not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed"
     ),
-    pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode"),  # the frozen stages, by design
 ]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
+DEVICES = sync_test_devices()
 
 
 def data() -> FashionMNISTDataModule:
@@ -60,7 +58,7 @@ def test_vqgan_training_step_does_not_sync(device, variant):
         ),
         "edges": lambda: vqgan(condition="edges"),
     }[variant]()
-    assert_no_host_sync(module, data(), steps=3, warmup=1, accelerator=ACCELERATOR[device])
+    assert_no_host_sync(module, data(), steps=3, warmup=1, device=device)
 
 
 def transformer(kind: str) -> Net2NetTransformer:
@@ -78,4 +76,4 @@ def transformer(kind: str) -> Net2NetTransformer:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["class", "sos", "edges"])
 def test_transformer_training_step_does_not_sync(device, kind):
-    assert_no_host_sync(transformer(kind), data(), steps=3, warmup=1, accelerator=ACCELERATOR[device])
+    assert_no_host_sync(transformer(kind), data(), steps=3, warmup=1, device=device)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from gencore.diffusion import drop_condition
 
 __all__ = [
+    "ClassLabels",
     "Conditioner",
     "NoConditioner",
     "cond_batch_size",
@@ -99,6 +100,23 @@ def cond_batch_size(cond: Any) -> int:
     if not isinstance(first, Tensor):
         raise ValueError(f"cannot tell the batch size of a {type(first).__name__} condition")
     return first.shape[0]
+
+
+class ClassLabels:
+    """Mixin of class-label conditioners (whatever they turn a label into): generation requests ``labels=[...]``
+    (default: uniform random classes), returned with the samples, and evaluation over every class in turn. Needs
+    ``num_classes`` and ``label_key`` attributes; put it before the conditioner base class."""
+
+    num_classes: int
+    label_key: str
+
+    def generation_batch(self, n: int, labels: Any = None, **request: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        super().generation_batch(n, **request)  # type: ignore[misc]  # the base refuses requests it does not take
+        picks = requested_labels(n, labels, self.num_classes)
+        return {self.label_key: picks}, {"labels": picks}
+
+    def evaluation_request(self) -> dict[str, Any]:
+        return {"labels": list(range(self.num_classes))}
 
 
 class NoConditioner(Conditioner):

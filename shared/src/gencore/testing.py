@@ -42,6 +42,7 @@ __all__ = [
     "mean_image_psnr",
     "no_host_sync",
     "randomize_parameters",
+    "sync_test_devices",
 ]
 
 
@@ -323,18 +324,35 @@ class _GuardSteps(L.Callback):
         self.on_train_batch_end(trainer, pl_module)
 
 
+def sync_test_devices() -> list[Any]:
+    """pytest parameters for a recipe's no-host-sync test: ``"cpu"`` (the guard), and ``"cuda"`` marked ``gpu``
+    (CUDA's sync-debug mode; it runs where a GPU exists):
+    ``@pytest.mark.parametrize("device", sync_test_devices())``."""
+    import pytest
+
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
 def assert_no_host_sync(
     module: L.LightningModule,
     datamodule: L.LightningDataModule,
     *,
     steps: int = 3,
     warmup: int = 1,
-    accelerator: str = "cpu",
+    device: str = "cpu",
     precision: str = "32-true",
 ) -> None:
-    """Train ``module`` for ``warmup + steps`` batches and fail (:class:`HostSyncError`, or CUDA's sync-debug error)
-    if any of the last ``steps`` batches syncs with the host. ``warmup`` batches fill one-time state first (latent
-    statistics, caches)."""
+    """Train ``module`` for ``warmup + steps`` batches on ``device`` (``cpu`` / ``cuda``) and fail
+    (:class:`HostSyncError`, or CUDA's sync-debug error) if any of the last ``steps`` batches syncs with the host.
+    ``warmup`` batches fill one-time state first (latent statistics, caches). Lightning's by-design warnings
+    (``gencore.run.EXPECTED_LIGHTNING_WARNINGS``) are kept out, as in a run."""
+    import warnings
+
+    from gencore.run import EXPECTED_LIGHTNING_WARNINGS
+
+    accelerator = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}.get(device)
+    if accelerator is None:
+        raise ValueError(f"assert_no_host_sync: device must be 'cpu' or 'cuda', got {device!r}")
     guard = _GuardSteps(warmup)
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -349,6 +367,9 @@ def assert_no_host_sync(
         enable_model_summary=False,
         callbacks=[guard],
     )
-    trainer.fit(module, datamodule=datamodule)
+    with warnings.catch_warnings():
+        for message in EXPECTED_LIGHTNING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=datamodule)
     if guard.guarded < steps:
         raise AssertionError(f"only {guard.guarded} of {steps} training batches ran under the host-sync guard")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gencore.conditioning import Conditioner, NoConditioner, requested_captions, requested_labels, take
+from gencore.conditioning import ClassLabels, Conditioner, NoConditioner, requested_captions, take
 from gencore.modules import check_index_range
 
 __all__ = [
@@ -235,7 +235,7 @@ class Unconditional(LatentConditioner, NoConditioner):
 # ---------------------------------------------------------------------------------------------------- classes
 
 
-class ClassConditioner(LatentConditioner):
+class ClassConditioner(ClassLabels, LatentConditioner):
     """Class labels ``batch[label_key]`` (B,).
 
     ``conditioning_key="crossattn"`` (default; official ``ClassEmbedder``): one context token (B, 1, embed_dim) from
@@ -325,15 +325,6 @@ class ClassConditioner(LatentConditioner):
 
     def unconditional(self, n: int) -> dict[str, Tensor]:
         return self._route(torch.full((n,), self.null_index, device=self.device, dtype=torch.long))
-
-    def generation_batch(self, n: int, labels: Any = None, **request: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``labels`` (default: uniform random classes) -> the batch and ``{"labels": ...}`` to return."""
-        super().generation_batch(n, **request)
-        picks = requested_labels(n, labels, self.num_classes)
-        return {self.label_key: picks}, {"labels": picks}
-
-    def evaluation_request(self) -> dict[str, Any]:
-        return {"labels": list(range(self.num_classes))}
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, null_class={self.null_class}, conditioning_key={self.conditioning_key}"

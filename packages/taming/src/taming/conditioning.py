@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gencore.conditioning import Conditioner, requested_labels, take
+from gencore.conditioning import ClassLabels, Conditioner, take
 from gencore.modules import FrozenModule, check_index_range, freeze
 from taming.first_stage import _vq_from
 
@@ -161,7 +161,7 @@ class SOSConditioner(TokenConditioner):
         return f"sos_token={self.sos_token}"
 
 
-class ClassConditioner(TokenConditioner):
+class ClassConditioner(ClassLabels, TokenConditioner):
     """Class-conditional models: ``batch[label_key] + offset`` as one token (official ``Labelator`` has offset 0,
     so class tokens share ids with the first image codes).
 
@@ -188,22 +188,6 @@ class ClassConditioner(TokenConditioner):
             raise ValueError(f"ClassConditioner: labels must be (B,), got shape {tuple(labels.shape)}")
         check_index_range(labels, self.num_classes, "ClassConditioner: labels")  # no host sync on an accelerator
         return (labels + self._offset)[:, None]  # (B, 1)
-
-    def generation_batch(
-        self,
-        n: int,
-        *,
-        image_size: int | None = None,
-        labels: Any = None,
-        **request: Any,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``labels`` (exactly ``n``, each in [0, num_classes); default: uniform random classes), returned too."""
-        super().generation_batch(n, **request)
-        picks = requested_labels(n, labels, self.num_classes)
-        return {self.label_key: picks}, {"labels": picks}
-
-    def evaluation_request(self) -> dict[str, Any]:
-        return {"labels": list(range(self.num_classes))}
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, offset={self.offset}"
