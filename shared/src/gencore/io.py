@@ -44,6 +44,7 @@ __all__ = [
     "atomic_path",
     "export",
     "extract_state_dict",
+    "find_prefix",
     "frozen_prefixes",
     "load",
     "load_checkpoint",
@@ -391,6 +392,25 @@ def accept_legacy_keys(
         state_dict.update(upgraded)
 
     module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def find_prefix(
+    state: Mapping[str, Tensor], marker: str, candidates: Iterable[str], *, what: str, source: str = "checkpoint"
+) -> str:
+    """The prefix under which ``state`` holds ``marker`` (a key every such model has, e.g. ``encoder.conv_in.weight``
+    of a first stage): ``""`` or the first of ``candidates`` (e.g. ``first_stage_model.`` of a whole LDM); a
+    CheckpointKeyError naming ``what`` was looked for otherwise."""
+    candidates = list(candidates)
+    for p in ("", *candidates):
+        if f"{p}{marker}" in state:
+            return p
+    raise CheckpointKeyError(
+        f"{source}: no {what} weights found: expected {marker}, optionally under {' / '.join(candidates)}; pass "
+        f"prefix=... (first keys: {sorted(state)[:6]})",
+        [marker],
+        [],
+        [],
+    )
 
 
 def _preview(keys: list[str], n: int = 8) -> str:

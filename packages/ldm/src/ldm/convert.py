@@ -55,6 +55,7 @@ from torch import Tensor
 from gencore.io import (
     CheckpointKeyError,
     extract_state_dict,
+    find_prefix,
     load_checkpoint,
     load_state_dict,
     plain_config,
@@ -481,22 +482,6 @@ def infer_autoencoder_config(state: Mapping[str, Tensor], *, resolution: int = 2
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def _resolve_prefix(state: Mapping[str, Tensor], prefix: str | None, source: str) -> str:
-    if prefix is not None:
-        return prefix
-    if "encoder.conv_in.weight" in state:
-        return ""
-    if f"{NESTED_PREFIX}encoder.conv_in.weight" in state:
-        return NESTED_PREFIX
-    raise CheckpointKeyError(
-        f"{source}: no autoencoder weights found: expected encoder.conv_in.weight, optionally under "
-        f"{NESTED_PREFIX!r}; pass prefix=... (first keys: {sorted(state)[:6]})",
-        ["encoder.conv_in.weight"],
-        [],
-        [],
-    )
-
-
 def load_autoencoder(
     path_or_state: str | os.PathLike | Mapping[str, Any],
     *,
@@ -522,7 +507,8 @@ def load_autoencoder(
     ``loss.*`` keys (training-only) are ignored; VQ first stages (``quantize.*``) are refused.
     """
     state, source = read_state_dict(path_or_state, map_location=map_location)
-    prefix = _resolve_prefix(state, prefix, source)
+    if prefix is None:
+        prefix = find_prefix(state, "encoder.conv_in.weight", [NESTED_PREFIX], what="autoencoder", source=source)
     inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not inner:
         raise CheckpointKeyError(f"{source}: no keys start with prefix {prefix!r}", [], [], [])

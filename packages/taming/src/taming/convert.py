@@ -27,6 +27,7 @@ from torch import Tensor
 from gencore.io import (
     CheckpointKeyError,
     extract_state_dict,
+    find_prefix,
     load_checkpoint,
     load_state_dict,
     plain_config,
@@ -131,23 +132,6 @@ def infer_vqgan_config(state: Mapping[str, Tensor], *, resolution: int = 256) ->
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def _resolve_prefix(state: Mapping[str, Tensor], prefix: str | None) -> str:
-    if prefix is not None:
-        return prefix
-    if "encoder.conv_in.weight" in state:
-        return ""
-    for p in NESTED_PREFIXES:
-        if f"{p}encoder.conv_in.weight" in state:
-            return p
-    raise CheckpointKeyError(
-        "no VQGAN weights found: expected encoder.conv_in.weight, optionally under "
-        f"{' / '.join(NESTED_PREFIXES)}; pass prefix=... (first keys: {sorted(state)[:6]})",
-        ["encoder.conv_in.weight"],
-        [],
-        [],
-    )
-
-
 def load_vqgan(
     path_or_state: str | os.PathLike | Mapping[str, Any],
     *,
@@ -175,7 +159,8 @@ def load_vqgan(
     stage = "cond_stage_config" if prefix == "cond_stage_model." else "first_stage_config"
     config_cls_kwargs = vqgan_config_from_yaml(config, stage=stage) if config is not None else None
     state, source = read_state_dict(path_or_state, map_location=map_location)
-    prefix = _resolve_prefix(state, prefix)
+    if prefix is None:
+        prefix = find_prefix(state, "encoder.conv_in.weight", NESTED_PREFIXES, what="VQGAN", source=source)
     inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not inner:
         raise CheckpointKeyError(f"{source}: no keys start with prefix {prefix!r}", [], [], [])
