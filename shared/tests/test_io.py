@@ -1,9 +1,11 @@
 import contextlib
 import os
 import pickle
+import re
 import sys
 import types
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,7 +235,7 @@ def test_export_validates_and_load_names_missing_files(tmp_path):
         io.load(tmp_path)
     d = io.export(nn.Linear(2, 2), {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, tmp_path / "y")
     with pytest.raises(io.CheckpointKeyError, match="shape mismatch"):
-        io.load(d)  # config says 2->3, weights are 2->2
+        io.load(d, allow=("torch.nn.Linear",))  # config says 2->3, weights are 2->2
 
 
 def test_read_state_dict_from_a_path_or_a_mapping(tmp_path):
@@ -250,3 +252,192 @@ def test_read_state_dict_from_a_path_or_a_mapping(tmp_path):
         read_state_dict(42)
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / "missing.ckpt")
+
+
+# ------------------------------------------------------------------------------------ config targets (issue 10)
+
+REPO = Path(__file__).resolve().parents[2]
+LEGACY = REPO / "tests" / "fixtures" / "legacy_v0"
+BUILT: list[str] = []
+
+
+class Recorder:
+    """A harmless target allowed with ``allow=(__name__,)``: it records that something was instantiated."""
+
+    def __init__(self, **kwargs):
+        BUILT.append(sorted(kwargs))
+
+
+def write_export(folder, module_node, **top):
+    """An export folder as someone could share it: any config.yaml beside a (tiny) weights file."""
+    folder.mkdir(parents=True)
+    io.save_safetensors({"w": torch.zeros(1)}, folder / io.WEIGHTS_NAME)
+    (folder / io.CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.create({**top, "module": module_node})))
+    return folder
+
+
+def test_builtins_open_in_an_export_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv(io.ALLOWED_TARGETS_ENV, raising=False)
+    created, emptied = tmp_path / "created.txt", tmp_path / "precious.txt"
+    emptied.write_text("keep me")
+    for victim in (created, emptied):
+        d = write_export(tmp_path / victim.stem, {"_target_": "builtins.open", "_args_": [str(victim), "w"]})
+        with pytest.raises(io.UnsafeConfigError, match=r"'builtins.open' \(module._target_\)") as err:
+            io.load(d)
+        assert err.value.target == "builtins.open" and err.value.key == "module._target_"
+        assert str(d / io.CONFIG_NAME) in str(err.value) and "Nothing was instantiated" in str(err.value)
+        assert isinstance(err.value, io.CheckpointError) and isinstance(err.value, ValueError)
+    assert not created.exists() and emptied.read_text() == "keep me"
+
+
+def _payloads(marker):
+    touch = ["touch", str(marker)]
+    tiny = {"_target_": "gencore.testing.TinyAutoencoderModule", "width": 8}
+    return {
+        "os.system": ({"_target_": "os.system", "command": " ".join(touch)}, "module._target_", "outside"),
+        "subprocess.run": ({"_target_": "subprocess.run", "_args_": [touch]}, "module._target_", "outside"),
+        # a genlab module name is not enough: the object must be defined in genlab
+        "genlab-module-reexport": (
+            {"_target_": "gencore.io.os.system", "_args_": [" ".join(touch)]},
+            "module._target_",
+            "resolves to posix.system, defined outside gencore",
+        ),
+        "genlab-class-inherited": (
+            {"_target_": "gencore.testing.TinyAutoencoderModule.load_from_checkpoint", "_args_": [str(marker)]},
+            "module._target_",
+            "defined outside gencore",
+        ),
+        "nested": (
+            {**tiny, "first_stage": {"_target_": "pathlib.Path.touch", "self": str(marker)}},
+            "module.first_stage._target_",
+            "outside",
+        ),
+        "args-trick": (
+            {**tiny, "_args_": [{"_target_": "builtins.open", "_args_": [str(marker), "w"]}]},
+            "module._args_[0]._target_",
+            "outside",
+        ),
+        "partial": (
+            {**tiny, "loss": {"_target_": "builtins.open", "_partial_": True, "file": str(marker), "mode": "w"}},
+            "module.loss._target_",
+            "outside",
+        ),
+        "deep-list": (
+            {**tiny, "blocks": [{"x": [1, {"_target_": "shutil.copy", "_args_": ["/etc/hostname", str(marker)]}]}]},
+            "module.blocks[0].x[1]._target_",
+            "outside",
+        ),
+        "interpolated": (
+            {**tiny, "codec": "${oc.decode:'{_target_: builtins.open, file: " + str(marker) + ", mode: w}'}"},
+            "module.codec._target_",
+            "outside",
+        ),
+        "escaped-interpolation": ({**tiny, "codec": "\\${oc.env:HOME}"}, "module.codec", "interpolation is left"),
+        "genlab-file-writer": (
+            {"_target_": "gencore.io.save_safetensors", "tensors": {}, "path": str(marker)},
+            "module._target_",
+            "genlab entry point / file writer",
+        ),
+        "genlab-entry-point": ({"_target_": "gencore.run.train", "cfg": {}}, "module._target_", "entry point"),
+        "not-a-name": ({"_target_": "os.system; touch x"}, "module._target_", "not a valid dotted name"),
+        "not-a-string": ({"_target_": ["builtins.open"]}, "module._target_", "must be a dotted name"),
+        "dunder": ({"_target_": "gencore.testing.__builtins__.open"}, "module._target_", "dunder"),
+        "not-callable": ({"_target_": "gencore.text"}, "module._target_", "not a class or function"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_payloads(Path("x"))))
+def test_unsafe_targets_anywhere_in_the_module_node_are_refused(tmp_path, monkeypatch, case):
+    monkeypatch.delenv(io.ALLOWED_TARGETS_ENV, raising=False)
+    marker = tmp_path / "pwned"
+    node, key, reason = _payloads(marker)[case]
+    d = write_export(tmp_path / "export", node)
+    with pytest.raises(io.UnsafeConfigError, match=re.escape(reason)) as err:
+        io.load(d)
+    assert err.value.key == key
+    assert f"({key})" in str(err.value) or f"refusing {key} = " in str(err.value)
+    assert not marker.exists()
+
+
+def test_the_whole_node_is_checked_before_anything_is_built(tmp_path):
+    BUILT.clear()
+    node = {
+        "_target_": f"{__name__}.Recorder",
+        "first": {"_target_": f"{__name__}.Recorder", "a": 1},
+        "second": {"_target_": "builtins.open", "_args_": [str(tmp_path / "pwned"), "w"]},
+    }
+    d = write_export(tmp_path / "export", node)
+    with pytest.raises(io.UnsafeConfigError, match="module.second._target_"):
+        io.load(d, allow=(__name__,))
+    assert BUILT == [] and not (tmp_path / "pwned").exists()
+    with pytest.raises(io.UnsafeConfigError, match=re.escape(f"'{__name__}.Recorder'")):
+        io.check_targets(OmegaConf.create(node))  # not trusted without allow=
+    node["second"] = {"_target_": f"{__name__}.Recorder"}
+    checked = io.check_targets(OmegaConf.create(node), allow=(f"{__name__}.",))
+    assert checked == node and BUILT == []  # checking builds nothing
+
+
+def test_normal_exports_and_targets_through_interpolations_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINY_TARGET", "gencore.testing.TinyAutoencoderModule")
+    module = TinyAutoencoderModule(width=8, latent_channels=2)
+    cfg = {"width": 8, "module": {"_target_": "${oc.env:TINY_TARGET}", "width": "${width}", "latent_channels": 2}}
+    d = io.export(module, cfg, tmp_path / "export")
+    loaded = io.load(d)
+    assert isinstance(loaded, TinyAutoencoderModule) and not loaded.training
+    monkeypatch.setenv("TINY_TARGET", "builtins.open")  # the check sees what the interpolation gives
+    write_export(tmp_path / "evil", {"_target_": "${oc.env:TINY_TARGET}", "_args_": [str(tmp_path / "p"), "w"]})
+    with pytest.raises(io.UnsafeConfigError, match="'builtins.open'"):
+        io.load(tmp_path / "evil")
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_allow_list_is_extended_by_argument_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(io.ALLOWED_TARGETS_ENV, raising=False)
+    d = io.export(nn.Linear(2, 3), {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, tmp_path / "e")
+    with pytest.raises(io.UnsafeConfigError, match=r"'torch.nn.Linear'.*outside the allow-list.*GENLAB_ALLOWED"):
+        io.load(d)
+    for allow in [("torch.nn.Linear",), ("torch.nn.",), ("torch.nn",), "torch"]:
+        assert isinstance(io.load(d, allow=allow), nn.Linear)
+    with pytest.raises(io.UnsafeConfigError, match="outside the allow-list"):
+        io.load(d, allow=("torch.nn.Lin",))  # entries are dotted names, not string prefixes
+    monkeypatch.setenv(io.ALLOWED_TARGETS_ENV, "mypkg., torch.nn. ,")
+    assert isinstance(io.load(d), nn.Linear)
+    assert io.allowed_targets(("extra.",))[-3:] == ("extra", "mypkg", "torch.nn")
+    assert io.allowed_targets()[: len(io.GENLAB_NAMESPACES)] == io.GENLAB_NAMESPACES
+    # an allowed prefix is still bound to where the object is defined
+    write_export(tmp_path / "f", {"_target_": "torch.nn.modules.module.torch.save", "_args_": [{}, "x"]})
+    with pytest.raises(io.UnsafeConfigError, match="defined outside torch.nn"):
+        io.load(tmp_path / "f")
+    with pytest.raises(ValueError, match="entries must be strings"):
+        io.allowed_targets((3,))
+
+
+def _legacy_module_node(folder):
+    text = (folder / io.CONFIG_NAME).read_text().replace("@FIRST_STAGE@", "first-stage-placeholder")
+    return OmegaConf.create(text).module
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in LEGACY.glob("*/config.yaml")))
+def test_legacy_exports_pass_the_check(name, monkeypatch):
+    monkeypatch.delenv(io.ALLOWED_TARGETS_ENV, raising=False)
+    checked = io.check_targets(_legacy_module_node(LEGACY / name), source=name)
+    assert checked["_target_"].split(".")[0] in io.GENLAB_NAMESPACES
+
+
+def test_every_target_of_our_configs_is_allowed_or_outside_module_nodes(monkeypatch):
+    """The allow-list is exactly what our configs need: every ``_target_`` in the packages' and gencore's YAML passes,
+    except the Lightning loggers / strategies and FSDP's ``builtins.set`` of the trainer / logger nodes."""
+    monkeypatch.delenv(io.ALLOWED_TARGETS_ENV, raising=False)
+    files = [*REPO.glob("packages/*/src/*/configs/**/*.yaml"), *REPO.glob("shared/src/gencore/configs/**/*.yaml")]
+    targets = set()
+    for f in files:
+        for line in f.read_text().splitlines():
+            targets.update(re.findall(r"_target_:\s*([^\s,}]+)", line.split("#", 1)[0]))
+    assert len(files) > 10 and "ldm.lit.LatentDiffusion" in targets
+    outside = set()
+    for t in sorted(targets):
+        try:
+            io.check_targets({"_target_": t}, source="configs")
+        except io.UnsafeConfigError:
+            outside.add(t)
+    assert all(t.startswith(("lightning.pytorch.loggers.", "lightning.pytorch.strategies.")) for t in outside), outside

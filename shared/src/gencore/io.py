@@ -13,7 +13,12 @@ restricted unpickler:
   :class:`UnsafeCheckpointError` naming it, before anything executes.
 
 :func:`export` / :func:`load` write and read a release folder: ``model.safetensors`` plus the resolved
-``config.yaml`` that rebuilds the module with ``hydra.utils.instantiate``. Files are written atomically.
+``config.yaml`` that rebuilds the module with ``hydra.utils.instantiate``. Files are written atomically. A shared
+config is code as much as a pickle is, so :func:`load` first checks every ``_target_`` of the module node
+(:func:`check_targets`): classes and functions defined in genlab's packages (:data:`GENLAB_NAMESPACES`, minus its
+file-writing entry points) build, as do targets the user trusts (``load(..., allow=("mypkg.",))`` or
+``GENLAB_ALLOWED_TARGETS=mypkg.,other.Model``); anything else (``builtins.open``, ``gencore.io.os.system``, ...)
+raises :class:`UnsafeConfigError` naming it and its place, before anything is instantiated.
 """
 
 from __future__ import annotations
@@ -35,13 +40,18 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "GENLAB_NAMESPACES",
+    "SAFE_TARGETS",
     "CheckpointError",
     "CheckpointKeyError",
     "MissingWeightsError",
     "OpaqueObject",
     "UnsafeCheckpointError",
+    "UnsafeConfigError",
     "accept_legacy_keys",
+    "allowed_targets",
     "atomic_path",
+    "check_targets",
     "export",
     "extract_state_dict",
     "find_prefix",
@@ -497,6 +507,186 @@ def plain_config(cfg: Any) -> Any:
     raise ValueError(f"config must be a path, a mapping or a DictConfig, got {type(cfg).__name__}")
 
 
+# ------------------------------------------------------------------------------------------- config targets
+
+# Top-level packages of genlab: a release's config may build anything they define (classes and functions whose
+# ``__module__`` is under one of them), except the entry points below.
+GENLAB_NAMESPACES = (
+    "gencore",
+    "taming",
+    "ldm",
+    "sd3_flow",
+    "ladd_turbo",
+    "gen1_video",
+    "twostream_inpaint",
+    "imagebart",
+    "geofree",
+    "net2net",
+    "shapebias",
+)
+
+# Targets outside genlab that a module node of ours needs. Every ``_target_`` that can appear in a module node (the
+# packages' configs/, gencore/configs/, the legacy_v0 exports) is a genlab class or function: optimizers are made in
+# ``configure_optimizers``, diffusers / transformers models through genlab loaders (``gencore.latents.diffusers_vae``,
+# ``gencore.text``), and the non-genlab targets of the configs (Lightning loggers and strategies, ``builtins.set``
+# for FSDP's wrap policy) live in trainer / logger nodes, which :func:`load` never instantiates. Hence empty.
+SAFE_TARGETS: tuple[str, ...] = ()
+
+# Environment variable extending the allow-list: comma-separated prefixes / names (``mypkg.,other.Model``).
+ALLOWED_TARGETS_ENV = "GENLAB_ALLOWED_TARGETS"
+
+# Genlab modules that write files, train or run whole tasks; a module node never needs them, so they are refused even
+# though genlab defines them (``gencore.io.save_safetensors`` would overwrite any path; ``gencore.run.train`` runs).
+_ENTRY_POINT_MODULES = frozenset({"io", "run", "cli", "tasks", "demo", "__main__"})
+_FILE_WRITERS = frozenset(
+    {
+        "gencore.viz.save_grid",
+        "gencore.text.save_text_features",
+        "gencore.latents.build_latent_cache",
+        "gencore.testing.tiny_clip",
+    }
+)
+
+
+class UnsafeConfigError(CheckpointError):
+    """A config names a ``_target_`` outside the allow-list; nothing was instantiated.
+
+    ``target`` is the refused value, ``key`` where it sits (``module.first_stage._target_``)."""
+
+    def __init__(self, message: str, target: Any, key: str):
+        super().__init__(message)
+        self.target, self.key = target, key
+
+
+def _allow_entries(allow: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(allow, str):
+        allow = (allow,)
+    extra = [a.strip() for a in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",")]
+    entries = []
+    for entry in (*allow, *extra):
+        if not isinstance(entry, str):
+            raise ValueError(f"allow: entries must be strings (module prefixes or names), got {entry!r}")
+        if entry and entry.rstrip(".") not in entries:
+            entries.append(entry.rstrip("."))
+    return tuple(entries)
+
+
+def allowed_targets(allow: Iterable[str] = ()) -> tuple[str, ...]:
+    """The allow-list in force: genlab's namespaces, :data:`SAFE_TARGETS`, ``allow`` and the comma-separated
+    entries of ``$GENLAB_ALLOWED_TARGETS``. An entry (a trailing ``.`` is optional) allows the target of that exact
+    name, and targets under it whose object is defined under it (its ``__module__``)."""
+    return tuple(dict.fromkeys((*GENLAB_NAMESPACES, *SAFE_TARGETS, *_allow_entries(allow))))
+
+
+def _under(name: str, entry: str) -> bool:
+    return name == entry or name.startswith(entry + ".")
+
+
+def _locate(path: str) -> Any:
+    """The object a dotted path names, resolved as Hydra does (import the first part, then attribute or submodule)."""
+    import importlib
+
+    parts = path.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            if not isinstance(obj, types.ModuleType):
+                raise
+            obj = importlib.import_module(".".join(parts[: i + 1]))
+    return obj
+
+
+def _refusal(target: Any, entries: tuple[str, ...]) -> str | None:
+    """Why ``target`` may not be instantiated, or None when it may."""
+    if not isinstance(target, str):
+        return f"a _target_ must be a dotted name, got {type(target).__name__}"
+    parts = target.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return "not a valid dotted name"
+    if any(p.startswith("__") for p in parts):
+        return "dunder attributes are not targets"
+    matching = [e for e in entries if _under(target, e)]
+    if not matching:  # checked on the name alone: nothing is imported for a target outside the allow-list
+        return "outside the allow-list"
+    try:
+        obj = _locate(target)
+    except Exception as err:
+        return f"cannot be resolved ({type(err).__name__}: {err})"
+    if not isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"resolves to a {type(obj).__name__}, not a class or function"
+    where = getattr(obj, "__module__", None)
+    if not isinstance(where, str):
+        return "its defining module is unknown"
+    defined = f"{where}.{getattr(obj, '__qualname__', '')}"
+    if where.split(".")[0] in GENLAB_NAMESPACES and (
+        _ENTRY_POINT_MODULES.intersection(where.split(".")[1:]) or defined in _FILE_WRITERS or target in _FILE_WRITERS
+    ):
+        return f"{defined} is a genlab entry point / file writer, never part of a module"
+    if target in matching:  # named exactly by an entry: allowed wherever the object is defined
+        return None
+    if not any(_under(where, e) for e in matching):
+        return f"resolves to {defined}, defined outside {' / '.join(matching)}"
+    return None
+
+
+def _walk_targets(node: Any, key: str) -> Iterator[tuple[str, Any, bool]]:
+    """(place, value, is a ``_target_``) of every target, and of every string that is still an interpolation."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k == "_target_":
+                yield sub, v, True
+            else:
+                yield from _walk_targets(v, sub)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _walk_targets(v, f"{key}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        yield key, node, False  # left by an escaped \${...}: Hydra would resolve it again while instantiating
+
+
+def check_targets(node: Any, *, allow: Iterable[str] = (), key: str = "module", source: str = "config") -> Any:
+    """Resolve ``node`` (a config node: DictConfig or plain containers) and check every ``_target_`` in it
+    (nested mappings, lists, ``_args_``, ``_partial_`` nodes alike) against :func:`allowed_targets`; return the
+    resolved plain container, the one to instantiate (interpolations can change targets, so check what is built).
+
+    Raises :class:`UnsafeConfigError` naming the first refused target and its place (``module.unet._target_``).
+    Checking imports only modules of allowed targets, instantiates nothing and writes nothing.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    try:
+        if isinstance(node, (DictConfig, ListConfig)):
+            plain = OmegaConf.to_container(node, resolve=True)
+        elif isinstance(node, (Mapping, list, tuple)):
+            plain = OmegaConf.to_container(OmegaConf.create({"node": node}), resolve=True)["node"]  # type: ignore[index]
+        else:
+            plain = node
+    except Exception as err:
+        raise CheckpointError(f"{source}: cannot resolve the {key} config ({type(err).__name__}: {err})") from err
+    entries = allowed_targets(allow)
+    for where, target, is_target in _walk_targets(plain, key):
+        if not is_target:
+            raise UnsafeConfigError(
+                f"{source}: refusing {where} = {target!r}: an interpolation is left after resolving the config. "
+                "Nothing was instantiated.",
+                target,
+                where,
+            )
+        reason = _refusal(target, entries)
+        if reason is not None:
+            raise UnsafeConfigError(
+                f"{source}: refusing to instantiate {target!r} ({where}): {reason}. Nothing was instantiated. "
+                f"Allowed: classes / functions of {', '.join(entries)}; trust more with "
+                f"allow=('mypkg.',) or {ALLOWED_TARGETS_ENV}=mypkg.,other.Name",
+                target,
+                where,
+            )
+    return plain
+
+
 # ---------------------------------------------------------------------------------------------- release folders
 
 
@@ -510,8 +700,8 @@ def _to_container(cfg: Any) -> dict:
     raise ValueError(f"export: cfg must be a mapping / DictConfig, got {type(cfg).__name__}")
 
 
-def _module_node(cfg: Mapping) -> Mapping:
-    node = cfg.get("module", cfg)
+def _module_node(cfg: Any) -> Mapping:
+    node = cfg.get("module", cfg) if isinstance(cfg, Mapping) else cfg
     if not isinstance(node, Mapping) or "_target_" not in node:
         raise ValueError("config must have a `module` node (or be one) with a `_target_` that builds the module")
     return node
@@ -550,8 +740,17 @@ def export(
     return out
 
 
-def load(path: str | os.PathLike, *, map_location: Any = "cpu", strict: bool = True) -> nn.Module:
-    """Rebuild the module exported to ``path`` (a folder from :func:`export`) and load its weights; eval mode."""
+def load(
+    path: str | os.PathLike, *, map_location: Any = "cpu", strict: bool = True, allow: Iterable[str] = ()
+) -> nn.Module:
+    """Rebuild the module exported to ``path`` (a folder from :func:`export`) and load its weights; eval mode.
+
+    An export's ``config.yaml`` is code: before anything is built, every ``_target_`` of its module node is checked
+    by :func:`check_targets`. Genlab's own classes and functions are allowed; trust other packages with
+    ``allow=("mypkg.",)`` (prefixes or exact names) or ``GENLAB_ALLOWED_TARGETS=mypkg.,other.Model`` (which also
+    reaches exports loaded from inside a module, e.g. a first stage); anything else raises
+    :class:`UnsafeConfigError` naming the target and where it is, and nothing is instantiated.
+    """
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -561,7 +760,9 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", strict: bool = T
         if not f.is_file():
             raise FileNotFoundError(f"load: {f} not found (expected a folder written by gencore.io.export)")
     cfg = OmegaConf.load(config)
-    module = instantiate(_module_node(cfg), _convert_="all")
+    node = cfg.get("module", cfg) if isinstance(cfg, Mapping) else cfg
+    checked = check_targets(node, allow=allow, key="module", source=str(config))
+    module = instantiate(_module_node(checked), _convert_="all")
     if not isinstance(module, nn.Module):
         raise CheckpointError(f"{config}: module config built a {type(module).__name__}, not an nn.Module")
     state = load_checkpoint(weights, map_location=map_location)
