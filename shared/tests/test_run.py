@@ -44,7 +44,7 @@ def test_train_checkpoints_grids_export_and_resume(tmp_path):
     assert not [str(w.message) for w in caught if any(p.match(str(w.message)) for p in expected)]
     assert res.trainer.global_step == 12
     ckpts = sorted(p.name for p in res.checkpoint_dir.iterdir())
-    assert ckpts == ["last.ckpt", "step0000005.ckpt", "step0000010.ckpt"]
+    assert ckpts == sorted(n + s for n in ("last.ckpt", "step0000005.ckpt", "step0000010.ckpt") for s in ("", ".json"))
     assert not list(res.checkpoint_dir.glob("*.tmp"))
     # the loss of a real model on real data goes down
     losses = [float(r["train/loss"]) for r in read_metrics(tmp_path) if r.get("train/loss")]
@@ -130,7 +130,10 @@ def test_safe_checkpoint_io_is_atomic_and_safe(tmp_path):
     cio = run.SafeCheckpointIO()
     cio.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "a.ckpt")
     assert cio.load_checkpoint(tmp_path / "a.ckpt")["global_step"] == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.ckpt.json"]  # the file, then its step
+    assert run.checkpoint_step(tmp_path / "a.ckpt") == 3
+    cio.remove_checkpoint(tmp_path / "a.ckpt")
+    assert not list(tmp_path.iterdir())
 
 
 class _OneParam(nn.Module):

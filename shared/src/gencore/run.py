@@ -20,6 +20,7 @@ the weights (EMA if present) are exported with ``gencore.io.export`` to ``<run_d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,27 +68,53 @@ CKPT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
 
+CRASH = "on_exception.ckpt"
+SIDECAR = ".json"  # <checkpoint>.json: its step, written after the checkpoint itself (so it marks a complete file)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO: writes atomically (temp file + rename), reads with ``gencore.io.load_checkpoint``."""
+    """Lightning checkpoint IO: writes atomically (temp file + rename) and then a small ``<file>.json`` with the
+    checkpoint's step (what ``resume=auto`` compares); reads with ``gencore.io.load_checkpoint``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO does not take storage_options")
         with io.atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+        meta = {"global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0))}
+        with io.atomic_path(str(path) + SIDECAR) as tmp:
+            tmp.write_text(json.dumps(meta))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return io.load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
 
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        Path(str(path) + SIDECAR).unlink(missing_ok=True)
+
 
 class ExceptionCheckpoint(L.Callback):
-    """Write ``on_exception.ckpt`` when training dies (Lightning's own version also turns on implicit resuming)."""
+    """Write ``on_exception.ckpt`` when training dies after it started (checkpoint restored, first batch on its way),
+    and its weights are finite: a run that fails while being set up (a wrong data path) has nothing to save, and
+    its crash checkpoint must not shadow the run's real ones."""
 
     def __init__(self, dirpath: Path) -> None:
         self.dirpath = Path(dirpath)
+        self.started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.dirpath / "on_exception.ckpt", weights_only=False)
+        from gencore.guards import NonFiniteError, check_finite
+
+        if not self.started or isinstance(exception, NonFiniteError):
+            return
+        bad = check_finite(pl_module)
+        if bad:
+            log.warning("not writing %s: %d weight tensors are not finite (%s, ...)", CRASH, len(bad), bad[0])
+            return
+        trainer.save_checkpoint(self.dirpath / CRASH, weights_only=False)
 
 
 @dataclass
@@ -134,25 +161,58 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}: {err}") from None
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a checkpoint file: from its ``.json`` sidecar, else by reading it (None if it cannot be read)."""
+    path = Path(path)
+    sidecar = Path(str(path) + SIDECAR)
+    try:
+        return int(json.loads(sidecar.read_text())["global_step"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        return int(io.load_checkpoint(path).get("global_step", 0))
+    except Exception as err:  # a truncated or foreign file is not a resume point
+        log.warning("resume: %s cannot be read (%s: %s); ignoring it", path, type(err).__name__, err)
+        return None
+
+
 def find_resume_checkpoint(resume: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | None:
-    """Where to resume from: ``None`` -> fresh start; ``auto`` -> the newest of ``last.ckpt`` /
-    ``on_exception.ckpt`` in ``run_dir/checkpoints`` if any; a ``.ckpt`` file; a run folder (its last checkpoint)."""
+    """Where to resume from: ``None`` -> fresh start; ``auto`` -> the complete checkpoint in ``run_dir/checkpoints``
+    with the highest step (``last.ckpt``, ``step*.ckpt`` or ``on_exception.ckpt``; on a tie the regular one); a
+    ``.ckpt`` file; a run folder (its checkpoint with the highest step)."""
     if resume in (None, "", False):
         return None
     if str(resume) == "auto":
-        folder = Path(run_dir) / CKPT_DIR
-        found = [p for p in (folder / LAST, folder / "on_exception.ckpt") if p.is_file()]
-        if not found:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", folder)
-            return None
-        return max(found, key=lambda p: p.stat().st_mtime)
+        return newest_checkpoint(Path(run_dir) / CKPT_DIR)
     p = Path(resume)
     if p.is_file():
         return p
-    for candidate in (p / CKPT_DIR / LAST, p / LAST):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"resume={resume!r}: no checkpoint file, and no {CKPT_DIR}/{LAST} in that folder")
+    for folder in (p / CKPT_DIR, p):
+        found = newest_checkpoint(folder, quiet=True)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"resume={resume!r}: no checkpoint file, and no readable checkpoint in {p / CKPT_DIR}")
+
+
+def newest_checkpoint(folder: Path, *, quiet: bool = False) -> Path | None:
+    """The readable ``*.ckpt`` of ``folder`` with the highest step (regular ones before the crash checkpoint)."""
+    steps = {p: checkpoint_step(p) for p in sorted(folder.glob("*.ckpt"))} if folder.is_dir() else {}
+    steps = {p: s for p, s in steps.items() if s is not None}
+    if not steps:
+        if not quiet:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", folder)
+        return None
+    return max(steps, key=lambda p: (steps[p], p.name != CRASH, p.name == LAST))
+
+
+def remove_stray_temporaries(folder: Path) -> int:
+    """Delete the ``.<name>.*.tmp`` files a killed atomic write left behind (call it holding the run lock)."""
+    stray = list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for p in stray:
+        p.unlink(missing_ok=True)
+    if stray:
+        log.info("removed %d unfinished temporary file(s) from %s", len(stray), folder)
+    return len(stray)
 
 
 def _build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
@@ -180,6 +240,12 @@ def _build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         )
     )
     callbacks.append(ExceptionCheckpoint(ckpt_dir))
+    from gencore.guards import FiniteGuard
+    from gencore.resume import ExactResume
+
+    if not any(isinstance(c, FiniteGuard) for c in callbacks):
+        callbacks.append(FiniteGuard())  # the default guard; callbacks.finite_guard configures it
+    callbacks.append(ExactResume())
     return callbacks
 
 
@@ -215,6 +281,7 @@ EXPECTED_LIGHTNING_WARNINGS = (
     r"Using ModelCheckpoint with manual optimization",
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Checkpoint directory .* exists and is not empty",  # resume=auto continues in the run's own folder
 )
 
 
@@ -226,46 +293,61 @@ def _is_main_process() -> bool:
 
 
 def train(cfg: Any) -> TrainResult:
-    """Instantiate datamodule, module, callbacks, loggers and Trainer from ``cfg``; fit (resuming if asked); export."""
+    """Train the module a config describes (see the module docstring), in this order, so that a bad config or a
+    second run in the same folder loses nothing: validate the config (:func:`gencore.validate.validate_config`),
+    take the run folder's lock, build datamodule and module and check they fit, write ``config.yaml``, fit (resuming
+    if asked, exactly: :mod:`gencore.resume`), write ``last.ckpt``, export the (EMA) weights if they are finite."""
+    from gencore.guards import NonFiniteError, RunLock, check_finite
+    from gencore.validate import check_fits, validate_config
+
     cfg = _cfg(cfg)
     _require(cfg, "module", "datamodule", "run_dir", where="gencore.run.train")
+    validate_config(cfg)
     L.seed_everything(int(cfg.get("seed", 0)), workers=True)
     run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     ckpt_dir = run_dir / CKPT_DIR
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if _is_main_process():  # in DDP each process runs this; one writes
-        with io.atomic_path(run_dir / "config.yaml") as tmp:
-            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    resume_from = find_resume_checkpoint(cfg.get("resume"), run_dir)
+    main = _is_main_process()  # in DDP every process runs this; the main one holds the lock and writes
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        datamodule = _instantiate(cfg.datamodule)
+        module = _instantiate(cfg.module)
+        if not isinstance(module, L.LightningModule):
+            raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
+        check_fits(module, datamodule)
+        resume_from = find_resume_checkpoint(cfg.get("resume"), run_dir)
+        if main:
+            remove_stray_temporaries(ckpt_dir)
+            with io.atomic_path(run_dir / "config.yaml") as tmp:
+                tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        callbacks = _build_callbacks(cfg, ckpt_dir)
+        trainer = build_trainer(cfg, run_dir, callbacks, _build_loggers(cfg))
+        if resume_from is not None and trainer.is_global_zero:
+            log.info("resuming from %s", resume_from)
+        with warnings.catch_warnings():
+            for message in EXPECTED_LIGHTNING_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        if trainer.interrupted and trainer.is_global_zero:
+            log.warning("training was interrupted at step %d; see %s", trainer.global_step, ckpt_dir)
+        trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)
 
-    datamodule = _instantiate(cfg.datamodule)
-    module = _instantiate(cfg.module)
-    if not isinstance(module, L.LightningModule):
-        raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
-    callbacks = _build_callbacks(cfg, ckpt_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks, _build_loggers(cfg))
-    if resume_from is not None and trainer.is_global_zero:
-        log.info("resuming from %s", resume_from)
-    with warnings.catch_warnings():
-        for message in EXPECTED_LIGHTNING_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    if trainer.interrupted and trainer.is_global_zero:
-        log.warning("training was interrupted at step %d; see %s", trainer.global_step, ckpt_dir)
-    trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)
-
-    export_dir = None
-    ex = cfg.get("export") or {}
-    if ex.get("enabled", True) and trainer.is_global_zero:
-        ema = next((c for c in callbacks if isinstance(c, EMA)), None)
-        state = ema.averaged_state_dict(module) if (ema is not None and ex.get("use_ema", True)) else None
-        export_dir = io.export(
-            module,
-            cfg,
-            run_dir / "export",
-            state_dict=state,
-            metadata={"global_step": str(trainer.global_step), "ema": str(state is not None)},
-        )
+        export_dir = None
+        ex = cfg.get("export") or {}
+        if ex.get("enabled", True) and trainer.is_global_zero:
+            ema = next((c for c in callbacks if isinstance(c, EMA)), None)
+            state = ema.averaged_state_dict(module) if (ema is not None and ex.get("use_ema", True)) else None
+            bad = check_finite(state if state is not None else module.state_dict())
+            if bad:
+                raise NonFiniteError(
+                    f"not exporting: {len(bad)} tensors are not finite ({', '.join(bad[:3])}, ...); the checkpoints "
+                    f"in {ckpt_dir} are kept"
+                )
+            export_dir = io.export(
+                module,
+                cfg,
+                run_dir / "export",
+                state_dict=state,
+                metadata={"global_step": str(trainer.global_step), "ema": str(state is not None)},
+            )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     return TrainResult(module, trainer, run_dir, ckpt_dir, export_dir, metrics)
 
@@ -290,7 +372,8 @@ def load_module(
         run_cfg = p.parent.parent / "config.yaml"
         if not run_cfg.is_file():
             raise ValueError(f"{p}: a .ckpt needs the module config (pass module=..., or keep the run's config.yaml)")
-        module_cfg = OmegaConf.load(run_cfg).module
+        # a shared run folder is somebody else's code too: only allowed targets (gencore.io.check_targets)
+        module_cfg = io.check_targets(OmegaConf.load(run_cfg).module, source=str(run_cfg))
     module = _instantiate(module_cfg)
     ckpt = io.load_checkpoint(p, map_location=map_location)
     state = io.extract_state_dict(ckpt)

@@ -33,6 +33,7 @@ from gencore.modules import trainable_parameters
 __all__ = [
     "FailAtStep",
     "HostSyncError",
+    "PoisonAtStep",
     "TinyAutoencoderModule",
     "assert_deterministic",
     "assert_grads_reach_all_parameters",
@@ -182,6 +183,32 @@ class FailAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash at step {trainer.global_step}")
+
+
+class PoisonAtStep(L.Callback):
+    """From training step ``step`` on, make things non-finite, for the non-finite guard's tests: ``what="weights"``
+    fills the first trainable parameter with NaN after the step; ``what="grads"`` puts a NaN in its gradient before
+    the optimizer step (``every``: on each step from then on, else once)."""
+
+    def __init__(self, step: int, what: str = "weights", every: bool = False) -> None:
+        if what not in ("weights", "grads"):
+            raise ValueError(f"PoisonAtStep: what must be 'weights' or 'grads', got {what!r}")
+        self.step, self.what, self.every, self.done = step, what, every, False
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step >= self.step and (self.every or not self.done)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.what == "grads" and self._due(trainer):
+            p = next(p for p in pl_module.parameters() if p.requires_grad and p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+            self.done = True
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.what == "weights" and self._due(trainer):
+            next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+            self.done = True
 
 
 def tiny_clip(folder: str | Path, *, hidden_size: int = 32, projection_dim: int = 16, seed: int = 0) -> Path:
