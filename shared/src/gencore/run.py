@@ -147,6 +147,42 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
     return instantiate(node, _convert_="all", **kwargs)
 
 
+def _build(node: Any, where: str) -> Any:
+    """Instantiate a config node; a ValueError / FileNotFoundError of a constructor becomes a ConfigError naming the
+    node's config path (``module.unet: num_head_channels=24 does not divide ...``) instead of Hydra's traceback."""
+    from hydra.errors import InstantiationException
+
+    from gencore.validate import ConfigError
+
+    try:
+        return _instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if not isinstance(cause, (ValueError, FileNotFoundError)):
+            raise
+        text = str(err)
+        key = text.rsplit("full_key: ", 1)[-1].strip() if "full_key: " in text else ""
+        path = f"{where}.{key}" if key and not key.startswith(where) else (key or where)
+        raise ConfigError(f"{path}: {cause}") from cause
+    except (ValueError, FileNotFoundError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _ddp_child_run_dir(run_dir: Path) -> Path:
+    """A DDP process that Lightning started for rank > 0 re-runs the command line with ``hydra.run.dir`` set to the
+    first process's folder; a default run_dir (a timestamp) would differ, so the child takes Hydra's."""
+    if _is_main_process():
+        return run_dir
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().run.dir).expanduser().resolve() if HydraConfig.initialized() else run_dir
+    except (ImportError, ValueError):
+        return run_dir
+
+
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu; anything else is passed to ``torch.device``."""
     if device in (None, "auto"):
@@ -257,10 +293,18 @@ def _build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
-    """``lightning.Trainer(**cfg.trainer)`` with the run folder, callbacks, loggers and the safe checkpoint IO."""
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list[Any], module: Any = None
+) -> L.Trainer:
+    """``lightning.Trainer(**cfg.trainer)`` with the run folder, callbacks, loggers and the safe checkpoint IO. A
+    module whose steps leave some parameters out of a backward pass by design (the two players of a GAN:
+    ``ddp_find_unused_parameters = True``) gets DDP's ``find_unused_parameters``."""
     kwargs = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
     assert isinstance(kwargs, dict)
+    strategy = kwargs.get("strategy")
+    if isinstance(strategy, Mapping) and str(strategy.get("_target_", "")).endswith("DDPStrategy"):
+        if getattr(module, "ddp_find_unused_parameters", False):
+            kwargs["strategy"] = {**strategy, "find_unused_parameters": True}
     for key in ("strategy", "plugins", "profiler"):
         value = kwargs.get(key)
         if isinstance(value, Mapping) and "_target_" in value:
@@ -304,12 +348,12 @@ def train(cfg: Any) -> TrainResult:
     _require(cfg, "module", "datamodule", "run_dir", where="gencore.run.train")
     validate_config(cfg)
     L.seed_everything(int(cfg.get("seed", 0)), workers=True)
-    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    run_dir = _ddp_child_run_dir(Path(str(cfg.run_dir)).expanduser().resolve())
     ckpt_dir = run_dir / CKPT_DIR
     main = _is_main_process()  # in DDP every process runs this; the main one holds the lock and writes
     with RunLock(run_dir) if main else contextlib.nullcontext():
-        datamodule = _instantiate(cfg.datamodule)
-        module = _instantiate(cfg.module)
+        datamodule = _build(cfg.datamodule, "datamodule")
+        module = _build(cfg.module, "module")
         if not isinstance(module, L.LightningModule):
             raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
         check_fits(module, datamodule)
@@ -319,7 +363,7 @@ def train(cfg: Any) -> TrainResult:
             with io.atomic_path(run_dir / "config.yaml") as tmp:
                 tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         callbacks = _build_callbacks(cfg, ckpt_dir)
-        trainer = build_trainer(cfg, run_dir, callbacks, _build_loggers(cfg))
+        trainer = build_trainer(cfg, run_dir, callbacks, _build_loggers(cfg), module)
         if resume_from is not None and trainer.is_global_zero:
             log.info("resuming from %s", resume_from)
         with warnings.catch_warnings():

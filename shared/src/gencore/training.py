@@ -83,6 +83,8 @@ class GANModule(L.LightningModule):
 
     #: the key the generator loss is logged under on the progress bar
     generator_loss_name = "train/g_total"
+    #: each player's backward pass leaves the other's parameters out: DDP must be told (gencore.run does)
+    ddp_find_unused_parameters = True
 
     def __init__(
         self, *, learning_rate: float, scale_lr: bool = False, betas: tuple[float, float] = (0.5, 0.9)
