@@ -109,7 +109,7 @@ def test_diffusers_config_for_stable_diffusion_v1():
         (UNET_PRESETS["lsun_churches_kl8"], "AttentionBlock"),
         (dict(TINY, resblock_updown=True), "resblock_updown"),
         (dict(TINY, conv_resample=False), "conv_resample"),
-        (dict(TINY, model_channels=96, num_heads=-1, num_head_channels=64), "diffusers always uses"),
+        (dict(TINY, model_channels=96, num_heads=-1, num_head_channels=64), "does not divide the attention width 96"),
     ],
 )
 def test_configs_diffusers_cannot_express_are_refused(cfg, match):

@@ -117,7 +117,8 @@ def attention_heads(
     """(num_heads, dim_head) that the official ``UNetModel.__init__`` passes to an attention layer at width ``ch``.
 
     ``num_head_channels == -1``: ``dim_head = ch // num_heads``; else ``num_heads = ch // num_head_channels`` and
-    ``dim_head = num_head_channels``. With ``legacy``, ``dim_head`` becomes ``ch // num_heads`` for a
+    ``dim_head = num_head_channels``, where ``num_head_channels`` must divide ``ch`` (the official code floors and
+    silently attends over fewer channels; no released config does that). With ``legacy``, ``dim_head`` becomes ``ch // num_heads`` for a
     SpatialTransformer and the raw ``num_head_channels`` (possibly -1) for an AttentionBlock. A SpatialTransformer
     gets ``(num_heads, dim_head)``; an AttentionBlock gets ``num_heads`` (``num_heads_upsample`` in the decoder) and
     ``num_head_channels=dim_head``, and uses ``ch // dim_head`` heads unless ``dim_head == -1``.
@@ -129,6 +130,12 @@ def attention_heads(
     else:
         if num_head_channels < 1 or num_head_channels > ch:
             raise ValueError(f"num_head_channels {num_head_channels} must be in [1, {ch}] (attention width {ch})")
+        if ch % num_head_channels:  # the official code floors: 128 // 24 = 5 heads would attend over 120 channels
+            raise ValueError(
+                f"num_head_channels={num_head_channels} does not divide the attention width {ch}: "
+                f"{ch // num_head_channels} heads would cover {ch // num_head_channels * num_head_channels} of its "
+                f"{ch} channels (pick a divisor of every attention width, or set num_heads with num_head_channels=-1)"
+            )
         heads, dim_head = ch // num_head_channels, num_head_channels
     if legacy:
         dim_head = ch // heads if use_spatial_transformer else num_head_channels
