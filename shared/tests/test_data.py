@@ -211,16 +211,17 @@ def test_video_clips_shapes_stride_fps(backend):
 @needs_opencv
 def test_video_clips_skip_truncated_and_unreadable(tmp_path):
     shutil.copy(OPENCV_SAMPLES / "tree.avi", tmp_path / "tree.avi")
-    (tmp_path / "cut.avi").write_bytes((OPENCV_SAMPLES / "vtest.avi").read_bytes()[:12_000])  # one frame survives
+    (tmp_path / "cut.avi").write_bytes((OPENCV_SAMPLES / "vtest.avi").read_bytes()[:12_000])  # one cut frame
     (tmp_path / "noise.avi").write_bytes(np.random.default_rng(0).bytes(4000))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         clips = VideoClips(tmp_path, num_frames=8, size=32)
     assert clips.num_skipped == 2 and {Path(p).name for p in clips.skipped} == {"cut.avi", "noise.avi"}
     assert any("cut.avi" in str(w.message) for w in caught)
-    assert "a clip needs 8" in clips.skipped[str(tmp_path / "cut.avi")]
+    # its one decodable frame is cut mid-picture (the decoder conceals the rest): not a usable frame
+    assert "truncated AVI without one complete frame" in clips.skipped[str(tmp_path / "cut.avi")]
     assert len(clips) == 68 // 8 and clips[0]["video"].shape == (3, 8, 32, 32)
-    # a file that breaks after indexing is skipped at read time, the next clip is returned
+    # a file that breaks after indexing is skipped at read time (a random readable clip would take its place)
     (tmp_path / "tree.avi").write_bytes(b"")
     with pytest.warns(RuntimeWarning, match="tree.avi"), pytest.raises(DataReadError, match="unreadable"):
         clips[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from gencore.modules import trainable_parameters
 __all__ = [
     "FailAtStep",
     "HostSyncError",
+    "KillAtStep",
     "PoisonAtStep",
     "TinyAutoencoderModule",
     "assert_deterministic",
@@ -183,6 +185,18 @@ class FailAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash at step {trainer.global_step}")
+
+
+class KillAtStep(L.Callback):
+    """End the process at once (``os._exit``: no exception, no cleanup, no crash checkpoint: what SIGKILL or a lost
+    machine does) when ``trainer.global_step`` reaches ``step``, for resume tests."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            os._exit(137)
 
 
 class PoisonAtStep(L.Callback):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,9 +16,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from gencore.data.fashion_mnist import FashionMNIST
+from gencore.data.fashion_mnist import FashionMNIST, find_fashion_mnist
 from gencore.data.images import SKIMAGE_PHOTOS, ImageFolder, SkimagePhotos
 from gencore.data.video import VideoClips
+from gencore.resume import ResumableSampler
 
 __all__ = [
     "DataModule",
@@ -41,10 +43,19 @@ def _build(ds: DatasetLike) -> Dataset | None:
     raise ValueError(f"expected a Dataset or a factory returning one, got {type(ds).__name__}")
 
 
+def _without_augmentation(ds: Dataset) -> Dataset:
+    """``ds`` for evaluation: a shallow copy with ``random_flip`` off, so a validation split is not augmented."""
+    if getattr(ds, "random_flip", False):
+        ds = copy.copy(ds)
+        ds.random_flip = False  # type: ignore[attr-defined]
+    return ds
+
+
 class DataModule(L.LightningDataModule):
     """Train / val / test datasets -> DataLoaders.
 
-    ``val_fraction`` splits a validation set off ``train`` (seeded) when no ``val`` is given.
+    ``val_fraction`` splits a validation set off ``train`` (seeded) when no ``val`` is given; the validation part
+    reads the same items without the training augmentation (``random_flip``).
     """
 
     def __init__(
@@ -85,17 +96,22 @@ class DataModule(L.LightningDataModule):
             n = len(train)  # type: ignore[arg-type]
             n_val = max(1, round(n * self.val_fraction))
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            train, val = Subset(train, perm[n_val:]), Subset(train, perm[:n_val])
+            train, val = Subset(train, perm[n_val:]), Subset(_without_augmentation(train), perm[:n_val])
         self.train_set, self.val_set, self.test_set = train, val, test
 
     def _loader(self, ds: Dataset | None, name: str, train: bool) -> DataLoader:
         if ds is None:
             raise ValueError(f"{type(self).__name__}: no {name} dataset configured")
         bs = self.batch_size if train else self.val_batch_size
+        # training draws its order from a ResumableSampler: a function of (seed, epoch), split over DDP processes,
+        # able to start an epoch where a checkpoint left it (gencore.resume); evaluation reads in order
+        # (seeded with the datamodule's seed plus the run's, which lightning.seed_everything puts in PL_GLOBAL_SEED)
+        seed = self.seed + int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        sampler = ResumableSampler(len(ds), shuffle=self.shuffle, seed=seed) if train else None  # type: ignore[arg-type]
         return DataLoader(
             ds,
             batch_size=bs,
-            shuffle=self.shuffle and train,
+            sampler=sampler,
             drop_last=self.drop_last and train and len(ds) >= bs,  # type: ignore[arg-type]
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -127,6 +143,7 @@ class FashionMNISTDataModule(DataModule):
         caption_template: str = "a photo of a {name}",
         **loader_kwargs: Any,
     ) -> None:
+        find_fashion_mnist(root)  # a wrong root is one clear error now, not a traceback from inside fit
         common = dict(
             root=root, image_size=image_size, channels=channels, classes=classes, caption_template=caption_template
         )
@@ -135,6 +152,7 @@ class FashionMNISTDataModule(DataModule):
             val=lambda: FashionMNIST(split="test", limit=limit_val, **common),
             **loader_kwargs,
         )
+        self.image_size, self.channels = image_size, channels  # what gencore.validate.check_fits compares
 
 
 class ImageFolderDataModule(DataModule):
@@ -155,6 +173,8 @@ class ImageFolderDataModule(DataModule):
             val_fraction=val_fraction,
             **loader_kwargs,
         )
+        self.image_size = size if isinstance(size, int) else None
+        self.channels = channels
 
 
 class SkimagePhotosDataModule(DataModule):

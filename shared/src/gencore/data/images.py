@@ -7,6 +7,7 @@ a warning and counted (``dataset.num_skipped``); a folder with no readable image
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,23 +53,83 @@ def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+# PIL modes of 16-bit single-channel images (PNG / TIFF); older Pillow opens 16-bit PNGs as 32-bit "I".
+_GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the numpy view that shows the image upright (the transposes of PIL's ImageOps.exif_transpose).
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _deep_color(path: str | os.PathLike, channels: int) -> np.ndarray | None:
+    """A 16-bit colour image (PIL keeps only its high bytes) at full depth through OpenCV, as uint16 RGB or gray;
+    None when OpenCV does not decode it."""
+    import cv2
+
+    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+    flags |= cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    arr = cv2.imdecode(np.fromfile(os.fspath(path), dtype=np.uint8), flags)
+    if arr is None or arr.dtype != np.uint16:
+        return None
+    return arr if channels == 1 else arr[..., ::-1]  # BGR -> RGB
+
+
 def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
-    """Fully decode an image file to uint8 (H, W, channels); truncated or corrupt files raise OSError/ValueError."""
+    """Fully decode an image file to (H, W, channels) at its own bit depth: uint8, or uint16 for 16-bit files.
+
+    16-bit PNG / TIFF (grayscale, RGB, RGBA) keep all 16 bits (:func:`to_model_range` scales by the dtype), the EXIF
+    orientation is applied (a phone photo comes out upright, as viewers show it) and alpha is dropped. Truncated or
+    corrupt files raise OSError/ValueError, and so do floating-point and 32-bit integer images (of unknown range).
+    """
     from PIL import Image
 
     if channels not in (1, 3):
         raise ValueError(f"load_image: channels must be 1 or 3, got {channels}")
     with Image.open(path) as im:
+        deep = any(";16" in str(tile[3]) for tile in im.tile)  # raw 16-bit samples; load() clears the tiles
         im.load()  # full decode: a truncated JPEG fails here, not later in a worker
-        im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.array(im, dtype=np.uint8)  # a writable copy
-    return arr[..., None] if arr.ndim == 2 else arr
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        if im.mode in _GRAY16_MODES or (im.mode == "I" and deep):
+            arr = np.array(im).astype(np.uint16)
+            if channels == 3:
+                arr = np.repeat(arr[..., None], 3, axis=-1)
+        elif im.mode in ("I", "F"):
+            what = "floating-point" if im.mode == "F" else "32-bit integer"
+            raise ValueError(f"load_image: {path} holds {what} pixels (PIL mode {im.mode}) of unknown range")
+        else:
+            arr = _deep_color(path, channels) if deep else None
+            if deep and arr is None:
+                warnings.warn(
+                    f"load_image: OpenCV does not decode the 16-bit colour image {path} (a zlib clash: was decord "
+                    "imported before cv2?); reading its high bytes only (8-bit precision)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if arr is None:
+                arr = np.array(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    arr = _ORIENT.get(orientation, lambda a: a)(arr)
+    return np.ascontiguousarray(arr[..., None] if arr.ndim == 2 else arr)  # a writable copy
 
 
 def to_model_range(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (H, W, C) -> float (C, H, W) in [-1, 1]."""
-    t = torch.as_tensor(np.ascontiguousarray(arr) if isinstance(arr, np.ndarray) else arr)
-    return t.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    """uint8 or uint16 (H, W, C) -> float (C, H, W) in [-1, 1], scaled by the bit depth (255 or 65535 = white)."""
+    if isinstance(arr, np.ndarray):
+        if arr.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"to_model_range: expected uint8 or uint16 pixels, got {arr.dtype}")
+        half = np.iinfo(arr.dtype).max / 2  # 127.5 or 32767.5
+        t = torch.from_numpy(np.ascontiguousarray(arr if arr.dtype == np.uint8 else arr.astype(np.float32)))
+    else:
+        if arr.dtype != torch.uint8:
+            raise ValueError(f"to_model_range: expected a uint8 tensor (or a uint8/uint16 array), got {arr.dtype}")
+        t, half = arr, 127.5
+    return t.permute(2, 0, 1).float().div(half).sub(1.0)
 
 
 def resize_center_crop(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
@@ -89,8 +150,10 @@ def resize_center_crop(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tens
 class ImageFolder(RobustItems, Dataset):
     """All images below ``root`` (recursively), resized + centre-cropped to ``size``.
 
-    ``labels="subfolder"`` gives class labels from the first-level folder names (sorted); a ``.txt`` file beside an
-    image (same stem) becomes its caption.
+    ``labels="subfolder"`` gives class labels from the first-level folder names (sorted; an image directly under
+    ``root`` has no class and gets label -1, with a warning); a ``.txt`` file beside an image (same stem) becomes its
+    caption. 8- and 16-bit files are scaled by their bit depth. An unreadable file is skipped and counted, and its
+    slot is filled by a random readable image, seeded by ``seed`` and the index (see :class:`RobustItems`).
     """
 
     def __init__(
@@ -103,8 +166,9 @@ class ImageFolder(RobustItems, Dataset):
         random_flip: bool = False,
         limit: int | None = None,
         verify: str = "header",
+        seed: int = 0,
     ) -> None:
-        self._init_robust(f"ImageFolder({root})")
+        self._init_robust(f"ImageFolder({root})", seed)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: {self.root} is not a folder")
@@ -130,6 +194,14 @@ class ImageFolder(RobustItems, Dataset):
         self.classes: list[str] = []
         if labels == "subfolder":
             self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths if p.parent != self.root})
+            loose = [p for p in self.paths if p.parent == self.root]
+            if loose:
+                warnings.warn(
+                    f"ImageFolder({root}): {len(loose)} image(s) directly under the root (e.g. {loose[0].name}) are "
+                    "in no class folder and get label -1",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self._class_index = {c: i for i, c in enumerate(self.classes)}
 
     def _readable(self, path: Path, full: bool) -> bool:

@@ -118,8 +118,9 @@ def attention_heads(
 
     ``num_head_channels == -1``: ``dim_head = ch // num_heads``; else ``num_heads = ch // num_head_channels`` and
     ``dim_head = num_head_channels``, where ``num_head_channels`` must divide ``ch`` (the official code floors and
-    silently attends over fewer channels; no released config does that). With ``legacy``, ``dim_head`` becomes ``ch // num_heads`` for a
-    SpatialTransformer and the raw ``num_head_channels`` (possibly -1) for an AttentionBlock. A SpatialTransformer
+    silently attends over fewer channels; no released config does that). With ``legacy``, ``dim_head`` becomes
+    ``ch // num_heads`` for a SpatialTransformer and the raw ``num_head_channels`` (possibly -1) for an
+    AttentionBlock. A SpatialTransformer
     gets ``(num_heads, dim_head)``; an AttentionBlock gets ``num_heads`` (``num_heads_upsample`` in the decoder) and
     ``num_head_channels=dim_head``, and uses ``ch // dim_head`` heads unless ``dim_head == -1``.
     """

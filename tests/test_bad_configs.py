@@ -1,0 +1,57 @@
+"""The shared sweep of bad config values, for every landed package: each is refused by `gencore.run.train` before
+anything is trained or written, with a message that names the field, and the run folder stays empty. A later
+package adds its rows here (PACKAGE_DONE.md: "the shared sweep")."""
+
+import pytest
+
+from gencore import run
+from gencore.cli import compose
+from gencore.data.fashion_mnist import DEFAULT_ROOT
+from gencore.validate import ConfigError
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST missing"
+)
+
+TAMING = ["experiment=vqgan_fmnist", "module.model.preset=tiny", "datamodule.image_size=16"]
+LDM = ["experiment=pixel_fmnist_class"]
+SD3 = [
+    "experiment=fmnist_rf_lognorm",
+    "module.first_stage=null",
+    "+module.image_channels=1",
+    "+module.transformer.in_channels=1",
+    "+module.transformer.out_channels=1",
+    "+module.transformer.patch_size=4",
+    "+module.transformer.sample_size=32",
+]
+COMMON = ["datamodule.num_workers=0", "datamodule.limit_val=8", "trainer.max_steps=2"]  # if one is not refused
+
+CASES = [
+    # package, base overrides, bad override, what the message must say
+    ("taming", TAMING, "module.learning_rate=fast", r"module\.learning_rate: expected a number, got 'fast'"),
+    ("taming", TAMING, "trainer.max_steps=ten", r"trainer\.max_steps: expected an integer, got 'ten'"),
+    ("taming", TAMING, "trainer.max_steps=0", r"trainer\.max_steps: 0 trains nothing"),
+    ("taming", TAMING, "datamodule.image_size=17", r"image_size=17 is not divisible by .* factor 2"),
+    ("taming", TAMING, "+module.loss.disc_strat=3", r"module\.loss\.disc_strat: .*\(did you mean disc_start\?\)"),
+    ("taming", TAMING, "datamodule.root=/nowhere", r"/nowhere"),
+    ("ldm", LDM, "+module.unet.num_head_channels=24", r"module\.unet: num_head_channels=24 does not divide"),
+    ("ldm", LDM, "datamodule.image_size=28", r"datamodule\.image_size=28 but module\.image_size=32"),
+    ("ldm", LDM, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    ("ldm", LDM, "module.p_uncond=1.5", r"module: p_uncond must be a probability"),
+    ("sd3_flow", SD3, "datamodule.image_size=16", r"datamodule\.image_size=16 but module\.image_size=32"),
+    ("sd3_flow", SD3, "module.objective=rf/banana", r"module: .*banana"),
+    ("sd3_flow", SD3, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    ("sd3_flow", SD3, "trainer.max_steps=-5", r"trainer\.max_steps: -5 trains nothing"),
+]
+
+
+def configs(package: str):
+    return __import__(f"{package}.cli", fromlist=["CONFIGS"]).CONFIGS
+
+
+@pytest.mark.parametrize(("package", "base", "bad", "message"), CASES, ids=[f"{c[0]}:{c[2]}" for c in CASES])
+def test_bad_value_is_refused_before_anything_runs(tmp_path, package, base, bad, message):
+    cfg = compose(configs(package), "train", [*base, *COMMON, f"run_dir={tmp_path}", bad])
+    with pytest.raises(ConfigError, match=message):
+        run.train(cfg)
+    assert not list(tmp_path.iterdir())  # no config.yaml, no checkpoints, no lock left behind
