@@ -173,3 +173,20 @@ def test_a_shared_run_folder_cannot_run_code_through_its_config(tmp_path):
     with pytest.raises(io.UnsafeConfigError, match="builtins.open"):
         run.load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert not victim.exists()
+
+
+def test_console_scripts_report_user_errors_in_one_line(tmp_path):
+    exe = Path(sys.executable).parent / "gencore-train-fmnist-features"
+    proc = subprocess.run(
+        [str(exe), f"run_dir={tmp_path}", "trainer.max_steps=ten"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1
+    assert (
+        "error: invalid config:" in proc.stderr and "  trainer.max_steps: expected an integer, got 'ten'" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    env = {**os.environ, "GENLAB_TRACEBACK": "1"}
+    proc = subprocess.run(
+        [str(exe), f"run_dir={tmp_path}", "trainer.max_steps=ten"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 1 and "ConfigError" in proc.stderr

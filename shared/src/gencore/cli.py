@@ -16,15 +16,39 @@ The package's configs put ``pkg://gencore.configs`` on ``hydra.searchpath`` to g
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["CORE_CONFIGS", "compose", "hydra_app"]
+__all__ = ["CORE_CONFIGS", "TRACEBACK_ENV", "compose", "hydra_app", "user_errors"]
 
 CORE_CONFIGS = Path(__file__).parent / "configs"
+
+
+TRACEBACK_ENV = "GENLAB_TRACEBACK"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is wrong" (a config value, a path, a file, a busy run folder, a diverged
+    run): a console script prints their message in one line and exits 1; ``GENLAB_TRACEBACK=1`` shows the
+    traceback instead."""
+    from gencore.data import DataReadError
+    from gencore.guards import NonFiniteError, RunLockedError
+    from gencore.io import CheckpointError, MissingWeightsError
+    from gencore.validate import ConfigError
+
+    return (
+        ConfigError,
+        CheckpointError,
+        MissingWeightsError,
+        FileNotFoundError,
+        RunLockedError,
+        NonFiniteError,
+        DataReadError,
+    )
 
 
 def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -41,7 +65,14 @@ def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[D
     def job(cfg: DictConfig) -> Any:
         from gencore.run import sweep_value
 
-        return sweep_value(cfg, task(cfg))
+        try:
+            return sweep_value(cfg, task(cfg))
+        except user_errors() as err:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            name = Path(sys.argv[0]).name or config_name
+            print(f"{name}: error: {err}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def main() -> None:
         hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(job)()

@@ -326,6 +326,7 @@ EXPECTED_LIGHTNING_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Checkpoint directory .* exists and is not empty",  # resume=auto continues in the run's own folder
+    r"your dataloader is not resumable",  # gencore.resume.ExactResume restores the data stream itself
 )
 
 
