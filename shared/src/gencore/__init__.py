@@ -10,7 +10,17 @@ Four jobs, one submodule each (import what you need; nothing heavy happens at im
   Hydra + Lightning, safetensors export, safe checkpoint loading, and metrics.
 """
 
-from gencore.attention import KVCache, attention, attention_backend, causal_mask
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["KVCache", "__version__", "attention", "attention_backend", "causal_mask"]
+__all__ = ["KVCache", "__version__", "attention_backend", "causal_mask"]
+
+
+def __getattr__(name: str) -> Any:
+    """``gencore.KVCache`` etc. on first use: importing ``gencore`` (every console script does) stays free of torch,
+    so ``--help`` and config errors answer at once. (``gencore.attention`` is the module; its function is
+    ``gencore.attention.attention``.)"""
+    if name in ("KVCache", "attention_backend", "causal_mask"):
+        return getattr(importlib.import_module("gencore.attention"), name)
+    raise AttributeError(f"module 'gencore' has no attribute {name!r}")

@@ -3,12 +3,14 @@
 A package's ``cli.py`` is a few lines::
 
     from pathlib import Path
-    from gencore import run
     from gencore.cli import hydra_app
 
     CONFIGS = Path(__file__).parent / "configs"
-    train = hydra_app(CONFIGS, "train", run.train)      # console script <name>-train
-    sample = hydra_app(CONFIGS, "sample", run.sample)   # console script <name>-sample
+    train = hydra_app(CONFIGS, "train", "gencore.run:train")      # console script <name>-train
+    sample = hydra_app(CONFIGS, "sample", "<name>.tasks:sample")  # console script <name>-sample
+
+Tasks are named by ``"module:function"`` and imported when the job runs, so ``--help`` and Hydra's own config errors
+answer without importing torch or Lightning.
 
 The package's configs put ``pkg://gencore.configs`` on ``hydra.searchpath`` to get the shared groups.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["CORE_CONFIGS", "TRACEBACK_ENV", "compose", "hydra_app", "user_errors"]
+__all__ = ["CORE_CONFIGS", "TRACEBACK_ENV", "check_overrides", "compose", "help_text", "hydra_app", "user_errors"]
 
 CORE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -48,10 +50,39 @@ def user_errors() -> tuple[type[BaseException], ...]:
         RunLockedError,
         NonFiniteError,
         DataReadError,
+        ValueError,  # genlab's ValueErrors name the problem (a shape, a value, a file): the user's to fix
     )
 
 
-def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+def _resolve_task(task: str | Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    if callable(task):
+        return task
+    module, _, attr = str(task).partition(":")
+    if not module or not attr:
+        raise ValueError(f"hydra_app: task must be a callable or 'module:function', got {task!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)
+
+
+def _remove_if_only_hydra_wrote() -> None:
+    """A job that failed before writing anything leaves no folder: Hydra's own output folder is removed when it holds
+    nothing but Hydra's files (``.hydra/``, the job log)."""
+    import shutil
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return
+    if folder.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def hydra_app(
+    config_dir: str | os.PathLike, config_name: str, task: str | Callable[[DictConfig], Any]
+) -> Callable[[], None]:
     """A console-script entry point: ``task(cfg)`` under ``@hydra.main`` with configs from ``config_dir``. Each Hydra
     job returns the task's value (``gencore.run.sweep_value``: the number named by ``optimized_metric`` when the config
     sets one), which is what a sweeper (Optuna, Nevergrad) optimises in ``--multirun``; ``main.job`` is that
@@ -66,19 +97,165 @@ def hydra_app(config_dir: str | os.PathLike, config_name: str, task: Callable[[D
         from gencore.run import sweep_value
 
         try:
-            return sweep_value(cfg, task(cfg))
+            return sweep_value(cfg, _resolve_task(task)(cfg))
         except user_errors() as err:
             if os.environ.get(TRACEBACK_ENV):
                 raise
             name = Path(sys.argv[0]).name or config_name
             print(f"{name}: error: {err}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+            _remove_if_only_hydra_wrote()
             raise SystemExit(1) from None
 
     def main() -> None:
+        if any(a in ("--help", "-h") for a in sys.argv[1:]):
+            print(help_text(config_dir, config_name, Path(sys.argv[0]).name or config_name))
+            raise SystemExit(0)
+        problem = check_overrides(config_dir, config_name, sys.argv[1:])
+        if problem:
+            print(f"{Path(sys.argv[0]).name or config_name}: error: {problem}", file=sys.stderr)
+            raise SystemExit(1)
         hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(job)()
 
     main.job = job  # type: ignore[attr-defined]  # what Hydra runs per job; its return value is the sweep value
     return main
+
+
+def _header(path: Path) -> list[str]:
+    """The leading ``#`` comment block of a YAML file, without the ``# ``."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# @package"):
+            lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return lines
+
+
+def _options(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _stages(experiment_dir: Path, name: str, seen: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``stages`` of an experiment YAML, following its ``defaults`` within the experiment folder (no composing)."""
+    import yaml
+
+    path = experiment_dir / f"{name}.yaml"
+    if name in seen or not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    stages: dict[str, Any] = {}
+    for entry in data.get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_" and not entry.startswith("/"):
+            stages.update(_stages(experiment_dir, entry, seen | {name}))
+    stages.update(data.get("stages") or {})
+    return {k: v for k, v in stages.items() if v}
+
+
+def _defaults_groups(path: Path) -> list[str]:
+    """The config groups a primary YAML's ``defaults`` list names (``- trainer: cpu``, ``- debug: null``)."""
+    import yaml
+
+    entries = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+    return [next(iter(e)).split("@", 1)[0].lstrip("/") for e in entries if isinstance(e, dict)]
+
+
+def _keys_line(path: Path) -> str:
+    """``checkpoint=??? num_samples=64 ...``: the top-level values a task YAML sets itself."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    shown = []
+    for key, value in data.items():
+        if key in ("defaults", "hydra") or isinstance(value, dict):
+            continue
+        shown.append(f"{key}={'null' if value is None else value}")
+    return " ".join(shown)
+
+
+def help_text(config_dir: str | os.PathLike, config_name: str, prog: str) -> str:
+    """``<script> --help``: what the task's YAML says about itself (its header comment), its keys, the recipes with
+    the stages each trains first, the config groups it composes (the package's and the shared ones) and the flags;
+    read from the config files without composing or importing torch (``--hydra-help`` is Hydra's own help)."""
+    import textwrap
+
+    config_dir = Path(config_dir)
+    primary = config_dir / f"{config_name}.yaml"
+    out = [f"usage: {prog} [key=value ...] [group=option ...] [--cfg job] [-m]", ""]
+    out += _header(primary)
+    keys = _keys_line(primary)
+    if keys:
+        out += ["", "keys (key=value; nested ones with --cfg job):"]
+        out += textwrap.wrap(keys, 116, initial_indent="  ", subsequent_indent="  ")
+    groups = _defaults_groups(primary)
+    if "experiment" in groups:
+        experiments = config_dir / "experiment"
+        staged = {name: _stages(experiments, name) for name in _options(experiments)}
+        staged = {k: v for k, v in staged.items() if v}
+        if staged:
+            out += ["", "stages trained first when not given (into <run_dir>/<stage>; or <stage>=<run or export>):"]
+            for name, stages in staged.items():
+                parts = [f"{key} <- {spec['command']} experiment={spec['experiment']}" for key, spec in stages.items()]
+                out.append(f"  {name}: {'; '.join(parts)}")
+    listed = []
+    for group in groups:
+        for where, root in (("", config_dir), (" (shared)", CORE_CONFIGS)):
+            options = _options(root / group) if (root / group).is_dir() else []
+            if options and group != "hydra":
+                listed += textwrap.wrap(
+                    f"{group}{where}: {', '.join(options)}", 116, initial_indent="  ", subsequent_indent="      "
+                )
+                break
+    if listed:
+        out += ["", "config groups (group=option):", *listed]
+    out += ["", "flags:"]
+    if "debug" in groups:
+        out.append("  debug=fast          every stage for a few steps: checks a config end to end")
+    out += [
+        "  --cfg job           print the composed config and exit (with your overrides)",
+        "  -m a=1,2            one run per value (Hydra multirun)",
+        "  --hydra-help        Hydra's own help",
+        f"  {TRACEBACK_ENV}=1  (environment) full tracebacks instead of one-line errors",
+    ]
+    return "\n".join(out)
+
+
+def _known_names(config_dir: Path, config_name: str) -> tuple[set[str], set[str]]:
+    """(top-level keys of the primary config as composed, config group names) a command line may name."""
+    cfg = compose(config_dir, config_name, [])
+    groups = {
+        p.name for d in (config_dir, CORE_CONFIGS) for p in d.iterdir() if p.is_dir() and not p.name.startswith("_")
+    }
+    return set(cfg.keys()), groups | {"hydra"}
+
+
+def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: Sequence[str]) -> str | None:
+    """A message for command-line overrides that name nothing (``experimnt=foo`` -> did you mean experiment?), and for
+    ``+key=value`` additions that look like a misspelling of a key or group (``+experimnt=foo`` would otherwise add
+    an unused key and train the default experiment); None when they are fine. Flags (``--help``, ``-m``) and
+    ``hydra.*`` overrides are left to Hydra."""
+    import difflib
+
+    config_dir = Path(config_dir)
+    if any(a.startswith("-") for a in argv):
+        return None
+    overrides = [a for a in argv if "=" in a]
+    if not overrides:
+        return None
+    keys, groups = _known_names(config_dir, config_name)
+    known = sorted(keys | groups)
+    for arg in overrides:
+        name = arg.split("=", 1)[0]
+        add = name.startswith("+") and not name.startswith("++")
+        top = name.lstrip("+~").split(".", 1)[0].split("@", 1)[0]
+        if top in keys or top in groups:
+            continue
+        close = difflib.get_close_matches(top, known, n=1, cutoff=0.75)
+        if add and not close:
+            continue  # a deliberate new key
+        hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+        what = "adds a key nothing reads" if add else "is not a config key or group"
+        return f"{name!r} in {arg!r} {what}{hint}"
+    return None
 
 
 def compose(config_dir: str | os.PathLike, config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -90,3 +267,7 @@ def compose(config_dir: str | os.PathLike, config_name: str, overrides: Sequence
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(config_dir).resolve())):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+# the core's own console script (its task is imported when it runs: `--help` stays light)
+train_fmnist_features = hydra_app(CORE_CONFIGS, "fmnist_features", "gencore.metrics.train_features:train_and_report")

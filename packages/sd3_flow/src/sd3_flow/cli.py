@@ -2,12 +2,10 @@
 
 from pathlib import Path
 
-from gencore import run
 from gencore.cli import hydra_app
-from sd3_flow import tasks
 
 CONFIGS = Path(__file__).parent / "configs"
 
-train = hydra_app(CONFIGS, "train", run.train)
-sample = hydra_app(CONFIGS, "sample", tasks.sample)
-evaluate = hydra_app(CONFIGS, "eval", tasks.evaluate)
+train = hydra_app(CONFIGS, "train", "gencore.run:train")
+sample = hydra_app(CONFIGS, "sample", "sd3_flow.tasks:sample")
+evaluate = hydra_app(CONFIGS, "eval", "sd3_flow.tasks:evaluate")

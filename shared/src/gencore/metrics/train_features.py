@@ -58,7 +58,7 @@ def train_and_report(cfg: DictConfig) -> dict:
     return card
 
 
-main = hydra_app(CORE_CONFIGS, "fmnist_features", train_and_report)
+main = hydra_app(CORE_CONFIGS, "fmnist_features", train_and_report)  # also the console script, via gencore.cli
 
 if __name__ == "__main__":
     main()
