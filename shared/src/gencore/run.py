@@ -24,6 +24,9 @@ import contextlib
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ from torch import Tensor, nn
 
 from gencore import io
 from gencore.callbacks import EMA
+from gencore.progress import Progress
+from gencore.validate import ConfigError
 from gencore.viz import save_grid, to_uint8
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ __all__ = [
     "ExceptionCheckpoint",
     "SafeCheckpointIO",
     "TrainResult",
+    "check_sample_config",
     "evaluate",
     "find_resume_checkpoint",
     "generate",
@@ -151,8 +157,6 @@ def _build(node: Any, where: str) -> Any:
     """Instantiate a config node; a ValueError / FileNotFoundError of a constructor becomes a ConfigError naming the
     node's config path (``module.unet: num_head_channels=24 does not divide ...``) instead of Hydra's traceback."""
     from hydra.errors import InstantiationException
-
-    from gencore.validate import ConfigError
 
     try:
         return _instantiate(node)
@@ -277,6 +281,11 @@ def _build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
     )
     callbacks.append(ExceptionCheckpoint(ckpt_dir))
     from gencore.guards import FiniteGuard
+    from gencore.progress import ProgressLog
+
+    bar = bool((cfg.get("trainer") or {}).get("enable_progress_bar", True))
+    if not any(isinstance(c, ProgressLog) for c in callbacks) and not (bar and sys.stderr.isatty()):
+        callbacks.append(ProgressLog())  # no bar drawn (turned off, or a log file): progress as log lines
     from gencore.resume import ExactResume
 
     if not any(isinstance(c, FiniteGuard) for c in callbacks):
@@ -326,8 +335,23 @@ EXPECTED_LIGHTNING_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Checkpoint directory .* exists and is not empty",  # resume=auto continues in the run's own folder
-    r"your dataloader is not resumable",  # gencore.resume.ExactResume restores the data stream itself
+    r".*your dataloader is not resumable",  # gencore.resume.ExactResume restores the data stream itself
+    r"The dirpath has changed from",  # a new run from another run's weights: its top-k bookkeeping stays there
 )
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning's "💡 Tip: ... litlogger" line, printed on every run, carries no information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+            logger.addFilter(_NoAdverts())
 
 
 def _is_main_process() -> bool:
@@ -335,6 +359,75 @@ def _is_main_process() -> bool:
     from lightning.pytorch.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _script(name: str) -> str:
+    """A console script of this environment (beside the interpreter), else from PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"stages: the command {name!r} is not installed here (make install)")
+    return found
+
+
+def _refers_to(node: Any, key: str) -> bool:
+    """Whether a config node still interpolates the top-level ``key`` (``${key}`` or ``${key.…}``) anywhere."""
+    if node is None:
+        return False
+    tree = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    pattern = re.compile(r"\$\{\s*" + re.escape(key) + r"\s*[}.]")
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and pattern.search(item):
+            return True
+    return False
+
+
+def train_missing_stages(cfg: DictConfig, run_dir: Path) -> None:
+    """Stages a recipe needs and the config does not give, trained first (``stages`` in an experiment's YAML)::
+
+        stages:
+          first_stage: {command: ldm-train, experiment: autoencoder_fmnist_c16}
+
+    For each ``stages.<key>`` whose top-level ``<key>`` (e.g. ``first_stage``) is null: ``<command>
+    experiment=<experiment> run_dir=<run_dir>/<key> <stage_overrides>`` runs first (``debug=fast`` passes
+    ``stage_overrides: [debug=fast]``, so the stage trains a few steps too), and ``<key>`` becomes its export. A stage
+    already trained there (a resumed run, or another DDP process) is reused. Each one is announced with its command,
+    so it can be rerun or replaced (``<key>=<a run or export you have>``)."""
+    for key, spec in (cfg.get("stages") or {}).items():
+        if spec is None or cfg.get(key) is not None or not _refers_to(cfg.get("module"), key):
+            continue  # given, or not used (e.g. module.first_stage=null: a pixel-space run)
+        folder = run_dir / key
+        export = folder / "export"
+        if not (export / io.WEIGHTS_NAME).is_file():
+            if not _is_main_process():
+                raise ConfigError(f"{key}: not given, and the first process has not trained it into {folder}")
+            command = [
+                _script(str(spec.command)),
+                f"experiment={spec.experiment}",
+                f"run_dir={folder}",
+                *[str(o) for o in (spec.get("overrides") or [])],
+                *[str(o) for o in (cfg.get("stage_overrides") or [])],
+            ]
+            shown = " ".join([Path(command[0]).name, *command[1:]])
+            log.info(
+                "%s not given: training it first: %s   (pass %s=<run or export> to use one you have)", key, shown, key
+            )
+            proc = subprocess.run(command, env=os.environ.copy())
+            if proc.returncode != 0 or not (export / io.WEIGHTS_NAME).is_file():
+                raise ConfigError(f"{key}: training it failed (exit {proc.returncode}): {shown}")
+        else:
+            log.info("%s: using the one trained earlier in %s", key, folder)
+        OmegaConf.update(cfg, key, str(export), force_add=True)
 
 
 def train(cfg: Any) -> TrainResult:
@@ -348,11 +441,15 @@ def train(cfg: Any) -> TrainResult:
     cfg = _cfg(cfg)
     _require(cfg, "module", "datamodule", "run_dir", where="gencore.run.train")
     validate_config(cfg)
+    _quiet_lightning()
     L.seed_everything(int(cfg.get("seed", 0)), workers=True)
     run_dir = _ddp_child_run_dir(Path(str(cfg.run_dir)).expanduser().resolve())
     ckpt_dir = run_dir / CKPT_DIR
     main = _is_main_process()  # in DDP every process runs this; the main one holds the lock and writes
     with RunLock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            log.info("run folder: %s", run_dir)
+        train_missing_stages(cfg, run_dir)
         datamodule = _build(cfg.datamodule, "datamodule")
         module = _build(cfg.module, "module")
         if not isinstance(module, L.LightningModule):
@@ -394,7 +491,20 @@ def train(cfg: Any) -> TrainResult:
                 metadata={"global_step": str(trainer.global_step), "ema": str(state is not None)},
             )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    if trainer.is_global_zero:
+        log.info("trained %d steps; run folder: %s", trainer.global_step, run_dir)
+        if hasattr(module, "generate"):
+            log.info("sample from it: %s checkpoint=%s num_samples=16", _sibling_script("sample"), run_dir)
+        else:  # a first stage: evaluated by its reconstructions, used by the model trained over it
+            log.info("evaluate it: %s checkpoint=%s", _sibling_script("eval"), run_dir)
     return TrainResult(module, trainer, run_dir, ckpt_dir, export_dir, metrics)
+
+
+def _sibling_script(verb: str) -> str:
+    """``ldm-train`` -> ``ldm-sample``: the console script of the same package for ``verb``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    prefix = name.rsplit("-", 1)[0] if name.endswith("-train") else "<name>"
+    return f"{prefix}-{verb}"
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -482,7 +592,11 @@ def _check_generate_args(module: nn.Module, num_samples: int, batch_size: int) -
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"generate: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     if not hasattr(module, "generate"):
-        raise ValueError(f"{type(module).__name__} has no generate(n, **kwargs) method")
+        raise ValueError(
+            f"{type(module).__name__} does not generate images (no generate(n, ...)): this checkpoint is a first stage "
+            "(an autoencoder), not a generative model; sample from a run of the model trained over it (a "
+            "transformer / diffusion run), or reconstruct with <name>-eval"
+        )
 
 
 @torch.no_grad()
@@ -528,7 +642,12 @@ def generate_sharded(
     per_sample, rest = _split_per_sample(kwargs, num_samples)
     starts = list(range(0, num_samples, batch_size))
     with state.split_between_processes(starts) as mine:
-        made = [(i, _generate_batch(module, i, min(batch_size, num_samples - i), seed, per_sample, rest)) for i in mine]
+        # each process makes its share at the same pace: the main one's count stands for all
+        progress = Progress(f"sampling {num_samples}", len(mine), unit="batch", enabled=state.is_main_process)
+        made = []
+        for done, i in enumerate(mine):
+            made.append((i, _generate_batch(module, i, min(batch_size, num_samples - i), seed, per_sample, rest)))
+            progress.update(done + 1)
     if state.num_processes == 1:
         return _concat([b for _, b in made])
     gathered: list[Any] | None = [None] * state.num_processes if state.is_main_process else None
@@ -570,6 +689,23 @@ def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, A
     return (64 if n is None else int(n)), {k: v for k, v in kwargs.items() if v is not None}
 
 
+def check_sample_config(cfg: DictConfig) -> None:
+    """Before anything loads: the counts of a sample / eval config are positive integers, the checkpoint exists, the
+    device is there."""
+    errors = []
+    for key in ("num_samples", "batch_size", "grid_size"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            errors.append(f"{key}: expected an integer >= 1, got {value!r}")
+    device = cfg.get("device", "auto")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        errors.append(f"device={device}: no CUDA device here (device=cpu, or auto)")
+    if cfg.get("checkpoint") is not None and not Path(str(cfg.checkpoint)).exists():
+        errors.append(f"checkpoint: {cfg.checkpoint} does not exist (a run folder, its export/ or a .ckpt)")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
 def sample(
     cfg: Any,
     *,
@@ -588,6 +724,7 @@ def sample(
     """
     cfg = _cfg(cfg)
     _require(cfg, "checkpoint", "out_dir", where="gencore.run.sample")
+    check_sample_config(cfg)
     state = process_state(cfg.get("device", "auto"))
     module = load(cfg, state.device if cfg.get("device", "auto") in (None, "auto") else pick_device(cfg.device))
     num_samples, kwargs = request(cfg, module)

@@ -179,6 +179,12 @@ def validate_config(cfg: Any) -> None:
         errors,
         what="lightning.Trainer",
     )
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(f"trainer.accelerator={accelerator}: no CUDA device on this machine (trainer=cpu)")
     steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
     if isinstance(steps, int) and not isinstance(steps, bool):
         if steps == 0 or steps < -1:

@@ -76,6 +76,7 @@ def inpaint(cfg: Any) -> Path:
     from ldm.conditioning import random_masks
 
     cfg = _cfg(cfg)
+    run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
     module = load_model(cfg)
     _, opts = run.sample_request(cfg, module)
     torch.manual_seed(int(cfg.seed))
@@ -103,6 +104,7 @@ def superres(cfg: Any) -> Path:
     from gencore.metrics import psnr
 
     cfg = _cfg(cfg)
+    run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
     module = load_model(cfg)
     f = module.cond_stage_model.sr_factor
     if f is None:
@@ -137,6 +139,7 @@ def evaluate(cfg: Any) -> dict[str, float]:
     from ldm.lit import AutoencoderKLModule, LatentDiffusion
 
     cfg = _cfg(cfg)
+    run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
     module = load_model(cfg)
     n, bs = int(cfg.num_samples), int(cfg.batch_size)
     t0 = time.perf_counter()

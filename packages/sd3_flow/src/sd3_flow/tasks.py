@@ -110,9 +110,10 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     from gencore.metrics import fmnist_report
 
     cfg = _cfg(cfg)
-    kwargs = _sample_kwargs(cfg)
     if cfg.get("steps") is not None:
         raise ValueError("steps is now num_steps (e.g. num_steps=[5,10,25])")
+    run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
+    kwargs = _sample_kwargs(cfg)
     state = run.process_state(cfg.get("device", "auto"))
     module = run.load_for_sampling(cfg, _device(cfg, state))
     counts = cfg.get("num_steps")

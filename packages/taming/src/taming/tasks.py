@@ -112,6 +112,7 @@ def evaluate(cfg: Any) -> dict[str, float]:
     ``out_dir/metrics.json`` (default ``<checkpoint>/eval``) and returned (``{}`` on the processes other than the
     main one of a distributed launch)."""
     cfg = _cfg(cfg)
+    run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
     missing = [k for k in ("checkpoint", "num_samples", "batch_size") if cfg.get(k) is None]
     if missing:
         raise ValueError(f"taming-eval: config is missing {', '.join(missing)} (see taming/configs/eval.yaml)")
