@@ -26,11 +26,16 @@ install: $(STAMP)
 
 # Re-runs when a pyproject or the pins change. torch/torchvision go in first so nothing can swap them.
 $(STAMP): constraints.txt shared/pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGE_DIRS))
+	@echo "install [1/4]: virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt $(TORCH_PINS)
-	$(PIP) install -q -c constraints.txt -e "shared[dev]" $(addprefix -e ,$(PACKAGE_DIRS))
+	@echo "install [2/4]: $(TORCH_PINS) (pinned first, so nothing can swap them)"
+	$(PIP) install --progress-bar off -c constraints.txt $(TORCH_PINS)
+	@echo "install [3/4]: genlab-core and $(words $(PACKAGE_DIRS)) packages, editable: $(notdir $(PACKAGE_DIRS)) (a few minutes the first time)"
+	$(PIP) install --progress-bar off -c constraints.txt -e "shared[dev]" $(addprefix -e ,$(PACKAGE_DIRS))
+	@echo "install [4/4]: checking the torch pin"
 	$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
-	touch $@
+	@touch $@
+	@echo "install: done ($(VENV); console scripts in $(VENV)/bin)"
 
 data:
 	@if [ -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ] && [ -f $(OPENCV_DATA)/vtest.avi ]; then \

@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out).resolve()
+    # progress as log lines (gencore.progress): stage, step/total, elapsed, ETA; the same in a terminal and in a log
     quiet = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "datamodule.num_workers=1"]
     t0 = time.perf_counter()
+    log.info("demo [1/4]: training a VQGAN on Fashion-MNIST for %d batches -> %s", args.vqgan_batches, out / "vqgan")
 
     vq_cfg = compose(
         CONFIGS,
@@ -50,9 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     vq = run.train(vq_cfg)
     t_vq = time.perf_counter() - t0
+    log.info("demo [2/4]: reconstruction PSNR of 1000 test images")
     rec = evaluate_reconstructions(vq.module, num_images=1000)
     log.info("VQGAN: %d batches in %.0f s, reconstruction PSNR %.2f dB", args.vqgan_batches, t_vq, rec["psnr"])
 
+    log.info("demo [3/4]: training the class-conditional transformer for %d steps", args.transformer_steps)
     tr_cfg = compose(
         CONFIGS,
         "train",
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     tr = run.train(tr_cfg)
     t_tr = time.perf_counter() - t0 - t_vq
+    log.info("demo [4/4]: sampling a 10x10 grid and %d samples for the metrics", args.samples)
     grid = sample(
         {
             "checkpoint": str(out / "transformer"),
