@@ -27,6 +27,7 @@ def batch(n=4, size=16):
     return {"image": torch.rand(n, 1, size, size, generator=g) * 2 - 1, "label": torch.arange(n) % 3}
 
 
+@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")  # a bare module, no Trainer
 def test_net2net_loss_is_cross_entropy_over_image_tokens():
     m = Net2NetTransformer(tiny_gpt(), tiny_vq(), SOSConditioner(5))
     b = batch()

@@ -153,11 +153,11 @@ class TinyAutoencoderModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = F.mse_loss(self(batch["image"]), batch["image"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", F.mse_loss(self(batch["image"]), batch["image"]))
+        self.log("val/loss", F.mse_loss(self(batch["image"]), batch["image"]), batch_size=len(batch["image"]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(trainable_parameters(self), lr=self.lr)

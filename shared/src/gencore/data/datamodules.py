@@ -107,7 +107,9 @@ class DataModule(L.LightningDataModule):
         # able to start an epoch where a checkpoint left it (gencore.resume); evaluation reads in order
         # (seeded with the datamodule's seed plus the run's, which lightning.seed_everything puts in PL_GLOBAL_SEED)
         seed = self.seed + int(os.environ.get("PL_GLOBAL_SEED", "0"))
-        sampler = ResumableSampler(len(ds), shuffle=self.shuffle, seed=seed) if train else None  # type: ignore[arg-type]
+        # (trainer.overfit_batches: the same first batches every step, in order, as Lightning would make them)
+        overfit = self.trainer is not None and bool(self.trainer.overfit_batches)
+        sampler = ResumableSampler(len(ds), shuffle=self.shuffle, seed=seed) if train and not overfit else None  # type: ignore[arg-type]
         return DataLoader(
             ds,
             batch_size=bs,

@@ -12,6 +12,7 @@ All take images in [-1, 1], (N, 1|3, H, W); the reference is the Fashion-MNIST t
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,7 +124,9 @@ def kid_fmnist(
     _check_images(images)
     ref = _reference_features(split, root)
     size = min(subset_size, len(images), len(ref))
-    kid = KernelInceptionDistance(feature=_Precomputed(ref.shape[1]), subsets=subsets, subset_size=size)
+    with warnings.catch_warnings():  # "will save all extracted features": expected, they are 64-d and few
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=_Precomputed(ref.shape[1]), subsets=subsets, subset_size=size)
     kid.update(ref, real=True)
     kid.update(fmnist_features(images.float()), real=False)
     state = torch.random.get_rng_state()
