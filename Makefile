@@ -67,4 +67,4 @@ bench: install
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs outputs
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs outputs samples multirun lightning_logs
