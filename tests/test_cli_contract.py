@@ -5,8 +5,8 @@ package that has a ``<name>-train`` console script, so a new package is held to 
   (and announced); the run folder is printed at the start and at the end, with the command to sample from it;
 - ``<name>-sample checkpoint=<run> num_samples=N`` writes N samples; ``<name>-eval checkpoint=<run>`` prints the
   metrics it writes;
-- ``--help`` lists the task's keys, the stages and the config groups, and (with misspelled options) answers without
-  importing torch;
+- ``--help`` lists the task's keys, the stages and the config groups; it, misspelled options, a missing checkpoint
+  and a bad count answer without importing torch;
 - user errors are one short message and exit 1, no traceback: a misspelled option (with a suggestion), ``+`` adding
   a misspelled key, a missing checkpoint, ``num_samples=-1``, ``trainer=gpu`` without a GPU, sampling a first stage.
 
@@ -134,6 +134,13 @@ def test_help_and_misspelled_options_answer_without_torch(prefix, tmp_path):
     assert_user_error(added, "adds a key nothing reads", "did you mean experiment?")
     typo = probe(f"{prefix}-sample", "checkpoint=x", "num_sample=3", cwd=tmp_path)
     assert_user_error(typo, "did you mean num_samples?")
+    for verb in ("sample", "eval"):  # a missing checkpoint or a bad count: answered before torch loads
+        missing = probe(f"{prefix}-{verb}", f"checkpoint={tmp_path / 'nowhere'}", cwd=tmp_path)
+        assert_user_error(missing, "does not exist")
+        assert "torch not imported" in missing.stderr
+    negative = probe(f"{prefix}-sample", f"checkpoint={tmp_path}", "num_samples=-1", cwd=tmp_path)
+    assert_user_error(negative, "num_samples", ">= 1")
+    assert "torch not imported" in negative.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
 
 

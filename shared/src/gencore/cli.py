@@ -110,7 +110,9 @@ def hydra_app(
         if any(a in ("--help", "-h") for a in sys.argv[1:]):
             print(help_text(config_dir, config_name, Path(sys.argv[0]).name or config_name))
             raise SystemExit(0)
-        problem = check_overrides(config_dir, config_name, sys.argv[1:])
+        problem = check_overrides(config_dir, config_name, sys.argv[1:]) or _check_sample_values(
+            config_dir, config_name, sys.argv[1:]
+        )
         if problem:
             print(f"{Path(sys.argv[0]).name or config_name}: error: {problem}", file=sys.stderr)
             raise SystemExit(1)
@@ -256,6 +258,26 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: Seque
         what = "adds a key nothing reads" if add else "is not a config key or group"
         return f"{name!r} in {arg!r} {what}{hint}"
     return None
+
+
+def _check_sample_values(config_dir: Path, config_name: str, argv: Sequence[str]) -> str | None:
+    """A sample / eval command's counts and checkpoint path checked on the composed config before the task (and
+    torch) is imported; left to the task when the command line is more than plain overrides or does not compose."""
+    from omegaconf import OmegaConf
+
+    from gencore.validate import sample_config_errors
+
+    if any(a.startswith("-") for a in argv):
+        return None
+    try:
+        cfg = compose(config_dir, config_name, list(argv))
+        if "checkpoint" not in cfg or OmegaConf.is_missing(cfg, "checkpoint"):
+            return None
+        values = {k: cfg.get(k) for k in ("num_samples", "batch_size", "grid_size", "checkpoint")}
+    except Exception:  # Hydra reports these itself, with its own message
+        return None
+    errors = sample_config_errors(values)
+    return "invalid config:\n  " + "\n  ".join(errors) if errors else None
 
 
 def compose(config_dir: str | os.PathLike, config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

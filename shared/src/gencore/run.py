@@ -691,17 +691,10 @@ def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, A
 
 def check_sample_config(cfg: DictConfig) -> None:
     """Before anything loads: the counts of a sample / eval config are positive integers, the checkpoint exists, the
-    device is there."""
-    errors = []
-    for key in ("num_samples", "batch_size", "grid_size"):
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            errors.append(f"{key}: expected an integer >= 1, got {value!r}")
-    device = cfg.get("device", "auto")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        errors.append(f"device={device}: no CUDA device here (device=cpu, or auto)")
-    if cfg.get("checkpoint") is not None and not Path(str(cfg.checkpoint)).exists():
-        errors.append(f"checkpoint: {cfg.checkpoint} does not exist (a run folder, its export/ or a .ckpt)")
+    device is there (:func:`gencore.validate.sample_config_errors`)."""
+    from gencore.validate import sample_config_errors
+
+    errors = sample_config_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -231,3 +231,26 @@ def check_fits(module: Any, datamodule: Any) -> None:
         problems.append(f"datamodule.channels={channels} but the model takes {in_ch}-channel images")
     if problems:
         raise ConfigError("the data does not fit the model:\n  " + "\n  ".join(problems))
+
+
+def sample_config_errors(cfg: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a sample / eval config's counts (``num_samples``, ``batch_size``, ``grid_size``: integers
+    >= 1), its ``checkpoint`` (must exist) and ``device`` (``cuda`` needs one); torch is imported only to look for a
+    CUDA device, so console scripts answer these before loading anything."""
+    from pathlib import Path, PurePath
+
+    errors = []
+    for key in ("num_samples", "batch_size", "grid_size"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            errors.append(f"{key}: expected an integer >= 1, got {value!r}")
+    checkpoint = cfg.get("checkpoint")  # (a training config's ``checkpoint`` is the checkpointing node)
+    if isinstance(checkpoint, (str, PurePath)) and not Path(str(checkpoint)).exists():
+        errors.append(f"checkpoint: {checkpoint} does not exist (a run folder, its export/ or a .ckpt)")
+    device = str(cfg.get("device", "auto"))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(f"device={device}: no CUDA device here (device=cpu, or auto)")
+    return errors
