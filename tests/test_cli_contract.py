@@ -152,6 +152,7 @@ def test_train_sample_eval_and_user_errors(prefix, tmp_path):
     train = cli(f"{prefix}-train", "debug=fast", f"run_dir={run_dir}", cwd=tmp_path)
     text = output(train)
     assert train.returncode == 0, text[-4000:]
+    assert "💡" not in text and "TPU available" not in text  # Lightning's adverts and empty counts stay out
     lines = text.splitlines()
     folder_lines = [i for i, line in enumerate(lines) if f"run folder: {run_dir}" in line]
     assert len(folder_lines) >= 2, text[-4000:]  # at the start and at the end

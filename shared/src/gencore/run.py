@@ -341,10 +341,13 @@ EXPECTED_LIGHTNING_WARNINGS = (
 
 
 class _NoAdverts(logging.Filter):
-    """Lightning's "💡 Tip: ... litlogger" line, printed on every run, carries no information about the run."""
+    """Lines Lightning prints on every run that say nothing about it: the "💡 Tip: ... litlogger" advert, the TPU /
+    HPU counts of a machine that has neither, and the default ``limit_val_batches=1.0`` restated."""
+
+    SILENT = ("💡 Tip", "TPU available: False", "HPU available: False", "`Trainer(limit_val_batches=1.0)`")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("💡 Tip")
+        return not str(record.getMessage()).startswith(self.SILENT)
 
 
 def _quiet_lightning() -> None:
@@ -494,17 +497,26 @@ def train(cfg: Any) -> TrainResult:
     if trainer.is_global_zero:
         log.info("trained %d steps; run folder: %s", trainer.global_step, run_dir)
         if hasattr(module, "generate"):
-            log.info("sample from it: %s checkpoint=%s num_samples=16", _sibling_script("sample"), run_dir)
+            log.info("sample from it: %s checkpoint=%s num_samples=16", _sibling_script("sample", module), run_dir)
         else:  # a first stage: evaluated by its reconstructions, used by the model trained over it
-            log.info("evaluate it: %s checkpoint=%s", _sibling_script("eval"), run_dir)
+            log.info("evaluate it: %s checkpoint=%s", _sibling_script("eval", module), run_dir)
     return TrainResult(module, trainer, run_dir, ckpt_dir, export_dir, metrics)
 
 
-def _sibling_script(verb: str) -> str:
-    """``ldm-train`` -> ``ldm-sample``: the console script of the same package for ``verb``."""
+def _sibling_script(verb: str, module: Any = None) -> str:
+    """``ldm-train`` -> ``ldm-sample``: the console script of the same package for ``verb``; from Python (a demo, a
+    notebook) the package's script whose entry point lives in the module's top-level package."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    prefix = name.rsplit("-", 1)[0] if name.endswith("-train") else "<name>"
-    return f"{prefix}-{verb}"
+    if name.endswith("-train"):
+        return f"{name.rsplit('-', 1)[0]}-{verb}"
+    if module is not None:
+        from importlib.metadata import entry_points
+
+        package = type(module).__module__.split(".", 1)[0]
+        for ep in entry_points(group="console_scripts"):
+            if ep.name.endswith(f"-{verb}") and ep.value.split(".", 1)[0].split(":", 1)[0] == package:
+                return ep.name
+    return f"<name>-{verb}"
 
 
 # ----------------------------------------------------------------------------------------------------- sampling

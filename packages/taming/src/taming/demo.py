@@ -96,9 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(
-        "samples: %s (class accuracy %.2f); summary: %s",
+        "samples: %s (class accuracy %.2f, FID-FMNIST %.1f, precision %.2f, recall %.2f); %.1f minutes; summary: %s",
         grid / "grid.png",
         metrics.get("class_accuracy", float("nan")),
+        metrics.get("fid", float("nan")),
+        metrics.get("precision", float("nan")),
+        metrics.get("recall", float("nan")),
+        summary["total_minutes"],
         out / "summary.json",
     )
     return summary
