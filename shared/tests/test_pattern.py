@@ -220,6 +220,41 @@ def test_gan_module_runs_both_players_in_order():
         ToyGAN.__bases__[0].__init__(model, learning_rate=0.0)
 
 
+class RatioGAN(ToyGAN):
+    """ToyGAN with the generator stepping on every third batch only and a discriminator rate of its own."""
+
+    def __init__(self):
+        GANModule.__init__(self, learning_rate=0.05, discriminator_learning_rate=0.2, generator_every=3)
+        self.g = nn.Linear(1, 1)
+        self.d = nn.Sequential(nn.Linear(1, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        self.disc_start, self.d_steps_seen, self.g_steps_seen = 0, [], []
+
+    def generator_step(self, batch, step):
+        self.g_steps_seen.append(step)
+        return super().generator_step(batch, step)
+
+    def fake_state(self, batch, step):
+        assert not torch.is_grad_enabled()
+        return self.g(torch.randn(batch["x"].shape[0], 1))
+
+
+def test_gan_module_update_ratio_and_discriminator_rate():
+    data = torch.utils.data.DataLoader([{"x": torch.tensor([3.0])}] * 64, batch_size=8)
+    model = RatioGAN()
+    g_before = [p.detach().clone() for p in model.g.parameters()]
+    trainer = L.Trainer(max_steps=2 * 7, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 14 and model.d_steps_seen == list(range(7))
+    assert model.g_steps_seen == [0, 3, 6]
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, model.g.parameters()))
+    opt_g, opt_d = model.optimizers()
+    assert opt_g.param_groups[0]["lr"] == 0.05 and opt_d.param_groups[0]["lr"] == 0.2
+    with pytest.raises(ValueError, match="generator_every"):
+        GANModule(learning_rate=0.1, generator_every=0)
+    with pytest.raises(NotImplementedError, match="fake_state"):
+        ToyGAN.fake_state(model, {}, 1)
+
+
 # ------------------------------------------------------------------------------------------------ host syncs
 
 

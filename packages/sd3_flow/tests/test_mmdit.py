@@ -275,3 +275,23 @@ def test_joint_block_pre_only_has_no_text_output_weights():
     assert "attn.to_add_out.weight" not in names and not any(n.startswith("ff_context") for n in names)
     assert block.norm1_context.linear.weight.shape == (64, 32)  # (scale, shift)
     assert "attn.add_q_proj.weight" in names and "attn.norm_added_q.weight" in names  # kept for checkpoints
+
+
+def test_block_features_are_the_forward_pass_tokens_on_their_grid():
+    from sd3_flow.models.mmdit import mmdit_from_preset
+
+    torch.manual_seed(0)
+    m = randomize_parameters(mmdit_from_preset("tiny")).eval()
+    x = torch.randn(2, 16, 8, 12, requires_grad=True)  # a 4 x 6 token grid: not square
+    ctx, pooled, t = torch.randn(2, 5, 64), torch.randn(2, 48), torch.tensor([500.0, 900.0])
+    seen = []
+    hook = m.transformer_blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    feats = m.block_features(x, ctx, pooled, t, [0, 1])
+    hook.remove()
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 4, 6), (2, 32, 4, 6)]
+    tokens = seen[0]  # (B, N, D), row-major over the grid
+    assert torch.equal(feats[0][:, :, 1, 2], tokens[:, 1 * 6 + 2])
+    feats[1].sum().backward()  # gradients reach the input (the parameters may be frozen)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="layers must be indices in 0..1"):
+        m.block_features(x, ctx, pooled, t, [2])

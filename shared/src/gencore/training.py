@@ -75,6 +75,10 @@ def adaptive_weight(
 class GANModule(L.LightningModule):
     """Base of the two-optimizer adversarial recipes (manual optimization, Adam for both players by default).
 
+    ``generator_every = k`` updates the generator on every k-th batch only (the discriminator on every batch; the
+    fakes of the other batches come from :meth:`fake_state`); ``discriminator_learning_rate`` gives the discriminator
+    its own rate (default: the generator's).
+
     Subclasses implement :meth:`generator_step`, :meth:`discriminator_step`, :meth:`generator_parameters` and
     :meth:`discriminator_parameters`; they may override :meth:`on_gan_step_end` (e.g. codebook statistics) and
     :meth:`make_optimizer`. ``learning_rate`` / ``scale_lr`` follow :func:`scaled_learning_rate`; ``betas`` are
@@ -87,12 +91,25 @@ class GANModule(L.LightningModule):
     ddp_find_unused_parameters = True
 
     def __init__(
-        self, *, learning_rate: float, scale_lr: bool = False, betas: tuple[float, float] = (0.5, 0.9)
+        self,
+        *,
+        learning_rate: float,
+        scale_lr: bool = False,
+        betas: tuple[float, float] = (0.5, 0.9),
+        discriminator_learning_rate: float | None = None,
+        generator_every: int = 1,
     ) -> None:
         super().__init__()
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if not learning_rate > 0 or not (discriminator_learning_rate is None or discriminator_learning_rate > 0):
+            raise ValueError(
+                "learning_rate and discriminator_learning_rate must be > 0, "
+                f"got {learning_rate}, {discriminator_learning_rate}"
+            )
+        if isinstance(generator_every, bool) or not isinstance(generator_every, int) or generator_every < 1:
+            raise ValueError(f"generator_every must be an integer >= 1, got {generator_every!r}")
         self.learning_rate, self.scale_lr, self.betas = learning_rate, scale_lr, tuple(betas)
+        self.discriminator_learning_rate = discriminator_learning_rate
+        self.generator_every = generator_every
         self.automatic_optimization = False
 
     @property
@@ -115,6 +132,11 @@ class GANModule(L.LightningModule):
     def discriminator_parameters(self) -> Iterable[nn.Parameter]:
         raise NotImplementedError
 
+    def fake_state(self, batch: Any, step: int) -> Any:
+        """The state :meth:`discriminator_step` needs on batches where the generator does not step
+        (``generator_every`` > 1), made without gradients."""
+        raise NotImplementedError(f"{type(self).__name__}: generator_every > 1 needs fake_state(batch, step)")
+
     def on_gan_step_end(self, batch: Any, state: Any) -> None:
         """Called after both updates of a batch."""
 
@@ -125,17 +147,23 @@ class GANModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
         step = self.batch_step
-        loss_g, logs_g, state = self.generator_step(batch, step)
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        opt_g.step()
+        if step % self.generator_every == 0:
+            loss_g, logs_g, state = self.generator_step(batch, step)
+            self.manual_backward(loss_g)
+        else:  # the discriminator's turn alone (LADD / FastGen's update ratio): the same fakes, no generator update
+            loss_g, logs_g = None, {}
+            with torch.no_grad():
+                state = self.fake_state(batch, step)
+        opt_g.step()  # a no-op without gradients: keeps two optimizer steps per batch
         loss_d, logs_d = self.discriminator_step(batch, state, step)
         opt_d.zero_grad(set_to_none=True)
         if loss_d is not None:
             self.manual_backward(loss_d)
         opt_d.step()  # a no-op without gradients (before the discriminator starts): keeps two steps per batch
         size = _batch_size(batch)
-        self.log(self.generator_loss_name, loss_g.detach(), prog_bar=True, batch_size=size)
+        if loss_g is not None:
+            self.log(self.generator_loss_name, loss_g.detach(), prog_bar=True, batch_size=size)
         self.log_dict({**logs_g, **logs_d}, batch_size=size)
         self.on_gan_step_end(batch, state)
 
@@ -148,7 +176,9 @@ class GANModule(L.LightningModule):
                 f"{type(self).__name__}: the generator has {len(gen)} and the discriminator {len(disc)} trainable "
                 "parameter tensors; a GAN recipe needs both"
             )
-        return [self.make_optimizer(gen, lr), self.make_optimizer(disc, lr)]
+        lr_d = lr if self.discriminator_learning_rate is None else self.discriminator_learning_rate
+        lr_d = scaled_learning_rate(self, lr_d, self.scale_lr) if self.discriminator_learning_rate is not None else lr_d
+        return [self.make_optimizer(gen, lr), self.make_optimizer(disc, lr_d)]
 
 
 def _batch_size(batch: Any) -> int | None:

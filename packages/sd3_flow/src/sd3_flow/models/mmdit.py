@@ -634,22 +634,47 @@ class MMDiT(nn.Module):
     ) -> Tensor:
         """latents (B, C, H, W), context (B, L, joint_dim), pooled (B, pooled_dim), timestep (B,) = sigma·1000
         -> velocity (B, out_channels, H, W). ``skip_layers``: blocks to bypass (SD3.5 skip-layer guidance)."""
-        timestep = self._check_inputs(latents, context, pooled, timestep)
         b, _, h, w = latents.shape
         p = self.patch_size
-        x = self.pos_embed(latents)  # (B, N, D), N = (H/p)·(W/p)
-        temb = self.time_text_embed(timestep, pooled)  # (B, D)
-        c = self.context_embedder(context)  # (B, L, D)
+        x, c, temb = self._embed(latents, context, pooled, timestep)
         for i, block in enumerate(self.transformer_blocks):
-            if i in skip_layers:
-                continue
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, c = checkpoint(block, x, c, temb, use_reentrant=False)
-            else:
-                x, c = block(x, c, temb)
+            if i not in skip_layers:
+                x, c = self._block(block, x, c, temb)
         x = self.proj_out(self.norm_out(x, temb))  # (B, N, p·p·out)
         x = x.view(b, h // p, w // p, p, p, self.out_channels)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, h, w)  # unpatchify
+
+    def _embed(self, latents: Tensor, context: Tensor, pooled: Tensor, timestep: Tensor) -> tuple[Tensor, ...]:
+        timestep = self._check_inputs(latents, context, pooled, timestep)
+        x = self.pos_embed(latents)  # (B, N, D), N = (H/p)·(W/p)
+        temb = self.time_text_embed(timestep, pooled)  # (B, D)
+        return x, self.context_embedder(context), temb  # context tokens (B, L, D)
+
+    def _block(self, block: nn.Module, x: Tensor, c: Tensor, temb: Tensor) -> tuple[Tensor, Tensor]:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, temb, use_reentrant=False)
+        return block(x, c, temb)
+
+    def block_features(
+        self, latents: Tensor, context: Tensor, pooled: Tensor, timestep: Tensor, layers: Sequence[int]
+    ) -> list[Tensor]:
+        """The image tokens after each block in ``layers`` as 2-D maps ``(B, D, H/p, W/p)``, for a discriminator on
+        the model's own features (LADD, Sauer et al. 2024, Sec. 3); the pass stops after the last of them. Gradients
+        flow to the inputs (the parameters may be frozen)."""
+        layers = sorted({int(i) for i in layers})
+        if not layers or layers[0] < 0 or layers[-1] >= len(self.transformer_blocks):
+            raise ValueError(
+                f"MMDiT.block_features: layers must be indices in 0..{len(self.transformer_blocks) - 1}, got {layers}"
+            )
+        b, _, h, w = latents.shape
+        p = self.patch_size
+        x, c, temb = self._embed(latents, context, pooled, timestep)
+        out = []
+        for i, block in enumerate(self.transformer_blocks[: layers[-1] + 1]):
+            x, c = self._block(block, x, c, temb)
+            if i in layers:
+                out.append(x.transpose(1, 2).reshape(b, x.shape[-1], h // p, w // p))
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------ presets
