@@ -470,7 +470,9 @@ def build_latent_cache(
 
 
 class LatentCacheDataset(Dataset):
-    """Items ``{"latent": (C, h, w), "label": int?, "caption": str?}`` of a cache from :func:`build_latent_cache`."""
+    """Items ``{"latent": (C, h, w), "label": int?, "caption": str?, <name>: tensor ...}`` of a cache from
+    :func:`build_latent_cache` (or of the same layout, e.g. ladd_turbo's synthetic teacher latents): every other tensor
+    a shard holds per sample (text features ``context`` / ``pooled``) is returned under its own name."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         from safetensors.torch import load_file
@@ -484,6 +486,8 @@ class LatentCacheDataset(Dataset):
         self.latents = torch.cat([p["latents"] for p in parts])
         self.labels = torch.cat([p["label"] for p in parts]) if all("label" in p for p in parts) else None
         self.captions = self.index.get("captions")
+        names = set.intersection(*(set(p) for p in parts)) - {"latents", "label"} if parts else set()
+        self.extra = {name: torch.cat([p[name] for p in parts]) for name in sorted(names)}
         if len(self.latents) != self.index["num_samples"]:
             raise ValueError(
                 f"LatentCacheDataset: {root} holds {len(self.latents)} latents, index says "
@@ -499,4 +503,6 @@ class LatentCacheDataset(Dataset):
             item["label"] = int(self.labels[i])
         if self.captions:
             item["caption"] = self.captions[i]
+        for name, values in self.extra.items():
+            item[name] = values[i]
         return item

@@ -1,0 +1,158 @@
+"""Synthetic training data for LADD (Sec. 4.1: "synthetic data beats real data"): the teacher's own guided samples.
+
+:func:`synthesize` runs the teacher (an sd3_flow :class:`~sd3_flow.lit.RectifiedFlowModule`) with classifier-free
+guidance over a prompt list and stores, per sample, the **model-space latent** (what the teacher's sampler returns,
+before the latent normaliser is undone), its prompt and the prompt's text features ``context`` / ``pooled``. Nothing
+is decoded. The store is a gencore latent cache (``latents-XXXXX.safetensors`` shards + ``index.json``, read by
+:class:`gencore.latents.LatentCacheDataset`, which returns the extra tensors too):
+
+- **resumable**: shards are written atomically, one at a time; a rerun skips the shards already there (same
+  fingerprint: teacher weights, prompts, sampler settings) and writes only the missing ones;
+- **sharded**: in a distributed launch (torchrun / accelerate) process r writes shards r, r + W, ...; the main process
+  writes the index once all shards exist;
+- **seeded per shard**: shard k's noise comes from ``seed + k``, so the data do not depend on how many processes made
+  them or on where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gencore.latents import INDEX_NAME
+from gencore.progress import Progress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["read_prompts", "synthesize"]
+
+SHARD = "latents-{:05d}.safetensors"
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line (blank lines and ``#`` comments skipped); an empty file is an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {p} not found")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {p} holds no prompts (one per line)")
+    return prompts
+
+
+def _fingerprint(teacher: nn.Module, prompts: Sequence[str], settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps({"prompts": list(prompts), **settings}, sort_keys=True).encode())
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def synthesize(
+    teacher: nn.Module,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    num_per_prompt: int = 1,
+    guidance_scale: float = 4.0,
+    num_steps: int = 28,
+    shift: float = 1.0,
+    sampler: str = "euler",
+    batch_size: int = 16,
+    shard_size: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write ``len(prompts) * num_per_prompt`` teacher samples (prompt i's copies together) to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    from gencore.io import atomic_path
+    from gencore.run import process_state
+
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("synthesize: the prompt list is empty")
+    if num_per_prompt < 1 or batch_size < 1 or shard_size < 1:
+        raise ValueError(
+            f"synthesize: num_per_prompt, batch_size and shard_size must be >= 1, got {num_per_prompt}, "
+            f"{batch_size}, {shard_size}"
+        )
+    if not hasattr(teacher, "sample_latents") or not hasattr(teacher, "cond_stage_model"):
+        raise ValueError(
+            f"synthesize: the teacher must be an sd3_flow RectifiedFlowModule, got {type(teacher).__name__}"
+        )
+    settings = {
+        "num_per_prompt": num_per_prompt,
+        "guidance_scale": float(guidance_scale),
+        "num_steps": int(num_steps),
+        "shift": float(shift),
+        "sampler": sampler,
+        "shard_size": shard_size,
+        "seed": seed,
+    }
+    fp = _fingerprint(teacher, prompts, settings)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / INDEX_NAME
+    if index_path.is_file() and json.loads(index_path.read_text()).get("fingerprint") == fp:
+        log.info("synthetic data in %s are up to date", out)
+        return out
+    captions = [p for p in prompts for _ in range(num_per_prompt)]
+    num_shards = -(-len(captions) // shard_size)
+    state = process_state(next(teacher.parameters()).device)
+    marker = out / "fingerprint.json"
+    if state.is_main_process:
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fp:
+            for old in out.glob("latents-*.safetensors"):
+                old.unlink()  # made by another teacher / prompt list / setting: not resumable into this one
+        marker.write_text(json.dumps({"fingerprint": fp, **settings}))
+    state.wait_for_everyone()
+    mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
+    todo = [k for k in mine if not (out / SHARD.format(k)).is_file()]
+    if len(todo) < len(mine):
+        log.info("synthetic data: %d of %d shards already written, resuming", len(mine) - len(todo), len(mine))
+    progress = Progress("synthesizing", len(todo), unit="shard", enabled=state.is_main_process)
+    device = next(teacher.parameters()).device
+    for done, k in enumerate(todo):
+        chunk = captions[k * shard_size : (k + 1) * shard_size]
+        generator = torch.Generator(device=device).manual_seed(seed + k)
+        parts: dict[str, list[torch.Tensor]] = {"latents": [], "context": [], "pooled": []}
+        for i in range(0, len(chunk), batch_size):
+            cond = teacher.cond_stage_model.encode_text(chunk[i : i + batch_size])
+            z = teacher.sample_latents(
+                cond,
+                sampler=sampler,
+                num_steps=num_steps,
+                shift=shift,
+                guidance_scale=guidance_scale,
+                generator=generator,
+            )
+            parts["latents"].append(z.float().cpu())
+            parts["context"].append(cond["context"].float().cpu())
+            parts["pooled"].append(cond["pooled"].float().cpu())
+        tensors = {name: torch.cat(v).contiguous() for name, v in parts.items()}
+        with atomic_path(out / SHARD.format(k)) as tmp:
+            save_file(tensors, str(tmp))
+        progress.update(done + 1)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        index = {
+            "fingerprint": fp,
+            "num_samples": len(captions),
+            "shards": [SHARD.format(k) for k in range(num_shards)],
+            "captions": captions,
+            "latent_shape": list(tensors["latents"].shape[1:]) if todo else None,
+            "settings": settings,
+        }
+        with atomic_path(index_path) as tmp:
+            tmp.write_text(json.dumps(index, indent=1))
+        log.info("synthetic data: %d samples of %d prompts in %s", len(captions), len(prompts), out)
+    return out
