@@ -49,6 +49,7 @@ SMALL = [
     "module.discriminator.layers=[0,1]",
     "module.discriminator.head_channels=16",
     "trainer.max_steps=6",
+    "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "callbacks.images.every_n_steps=6",

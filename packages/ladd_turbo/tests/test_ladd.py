@@ -176,6 +176,7 @@ def test_same_renoise_shares_t_and_noise(teacher):
 
 
 @pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # the frozen teacher, by design
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")  # train only
 def test_a_few_training_steps_keep_the_teacher_and_train_both_players(teacher, tmp_path):
     m = ladd(teacher, generator_every=2, r1_weight=0.1)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}

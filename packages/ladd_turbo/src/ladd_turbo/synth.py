@@ -29,23 +29,13 @@ from torch import nn
 
 from gencore.latents import INDEX_NAME
 from gencore.progress import Progress
+from sd3_flow.tasks import read_prompts  # one prompt-file reader (sd3-sample's)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["read_prompts", "synthesize"]
 
 SHARD = "latents-{:05d}.safetensors"
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line (blank lines and ``#`` comments skipped); an empty file is an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} not found")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {p} holds no prompts (one per line)")
-    return prompts
 
 
 def _fingerprint(teacher: nn.Module, prompts: Sequence[str], settings: dict[str, Any]) -> str:
