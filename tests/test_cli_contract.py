@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -114,10 +115,10 @@ def test_help_and_misspelled_options_answer_without_torch(prefix, tmp_path):
     assert "torch not imported" in train.stderr
     text = train.stdout
     assert text.startswith(f"usage: {prefix}-train")
-    for section in ("keys (key=value", "config groups (group=option):", "experiment:", "debug=fast"):
+    for section in ("keys (key=value", "config groups (group=option):", "experiment [default: ", "debug=fast"):
         assert section in text
-    for shared in ("trainer (shared): ", "callbacks (shared): ", "logger (shared): "):  # datamodule may be its own
-        assert shared in text
+    for shared in ("trainer", "callbacks", "logger"):  # (datamodule: a package may own it)
+        assert re.search(rf"^  {shared} \(shared\)( \[default: \w+\])?: ", text, re.M), shared
     # the stages the default recipe trains first are listed under its name
     for key, spec in (compose_train(prefix).get("stages") or {}).items():
         if spec is not None:
@@ -134,6 +135,12 @@ def test_help_and_misspelled_options_answer_without_torch(prefix, tmp_path):
     assert_user_error(added, "adds a key nothing reads", "did you mean experiment?")
     typo = probe(f"{prefix}-sample", "checkpoint=x", "num_sample=3", cwd=tmp_path)
     assert_user_error(typo, "did you mean num_samples?")
+    nested = probe(f"{prefix}-train", "trainer.max_step=3", cwd=tmp_path)  # Hydra alone would suggest +trainer...
+    assert_user_error(nested, "did you mean trainer.max_steps?")
+    assert "torch not imported" in nested.stderr
+    bare = probe(f"{prefix}-sample", cwd=tmp_path)
+    assert_user_error(bare, "checkpoint: required")
+    assert "torch not imported" in bare.stderr
     for verb in ("sample", "eval"):  # a missing checkpoint or a bad count: answered before torch loads
         missing = probe(f"{prefix}-{verb}", f"checkpoint={tmp_path / 'nowhere'}", cwd=tmp_path)
         assert_user_error(missing, "does not exist")
@@ -177,6 +184,11 @@ def test_train_sample_eval_and_user_errors(prefix, tmp_path):
     for name in _flat(metrics):  # every metric it wrote was printed
         assert name.rsplit("/", 1)[-1] in output(evaluate)
 
+    again = cli(f"{prefix}-train", "debug=fast", f"run_dir={run_dir}", cwd=tmp_path)  # a finished run is kept
+    assert_user_error(again, "already holds a trained run", "resume=auto")
+    other = next(p for p in PACKAGES if p != prefix)  # another package's sampler names the one that fits
+    foreign = cli(f"{other}-sample", f"checkpoint={run_dir}", "num_samples=2", cwd=tmp_path)
+    assert_user_error(foreign, f"use {prefix}-sample")
     missing = cli(f"{prefix}-sample", f"checkpoint={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert_user_error(missing, "does not exist")
     negative = cli(f"{prefix}-sample", f"checkpoint={run_dir}", "num_samples=-1", cwd=tmp_path)

@@ -155,10 +155,15 @@ def _stages(experiment_dir: Path, name: str, seen: frozenset[str] = frozenset())
 
 def _defaults_groups(path: Path) -> list[str]:
     """The config groups a primary YAML's ``defaults`` list names (``- trainer: cpu``, ``- debug: null``)."""
+    return list(_defaults(path))
+
+
+def _defaults(path: Path) -> dict[str, Any]:
+    """``{group: default option}`` of a primary YAML's ``defaults`` list."""
     import yaml
 
     entries = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
-    return [next(iter(e)).split("@", 1)[0].lstrip("/") for e in entries if isinstance(e, dict)]
+    return {next(iter(e)).split("@", 1)[0].lstrip("/"): next(iter(e.values())) for e in entries if isinstance(e, dict)}
 
 
 def _keys_line(path: Path) -> str:
@@ -199,12 +204,17 @@ def help_text(config_dir: str | os.PathLike, config_name: str, prog: str) -> str
                 parts = [f"{key} <- {spec['command']} experiment={spec['experiment']}" for key, spec in stages.items()]
                 out.append(f"  {name}: {'; '.join(parts)}")
     listed = []
+    chosen = _defaults(primary)
     for group in groups:
         for where, root in (("", config_dir), (" (shared)", CORE_CONFIGS)):
             options = _options(root / group) if (root / group).is_dir() else []
             if options and group != "hydra":
+                default = f" [default: {chosen[group]}]" if chosen.get(group) else ""
                 listed += textwrap.wrap(
-                    f"{group}{where}: {', '.join(options)}", 116, initial_indent="  ", subsequent_indent="      "
+                    f"{group}{where}{default}: {', '.join(options)}",
+                    116,
+                    initial_indent="  ",
+                    subsequent_indent="      ",
                 )
                 break
     if listed:
@@ -221,13 +231,38 @@ def help_text(config_dir: str | os.PathLike, config_name: str, prog: str) -> str
     return "\n".join(out)
 
 
-def _known_names(config_dir: Path, config_name: str) -> tuple[set[str], set[str]]:
-    """(top-level keys of the primary config as composed, config group names) a command line may name."""
-    cfg = compose(config_dir, config_name, [])
+def _known_names(
+    config_dir: Path, config_name: str, groups_chosen: Sequence[str] = ()
+) -> tuple[DictConfig, set[str], set[str]]:
+    """(the config composed with the command line's group choices, its top-level keys, config group names)."""
+    try:
+        cfg = compose(config_dir, config_name, list(groups_chosen))
+    except Exception:  # a bad group option: Hydra says so itself; check against the defaults
+        cfg = compose(config_dir, config_name, [])
     groups = {
         p.name for d in (config_dir, CORE_CONFIGS) for p in d.iterdir() if p.is_dir() and not p.name.startswith("_")
     }
-    return set(cfg.keys()), groups | {"hydra"}
+    return cfg, set(cfg.keys()), groups | {"hydra"}
+
+
+def _nested_problem(cfg: DictConfig, name: str, arg: str) -> str | None:
+    """``trainer.max_step=3``: the first part of a dotted key the composed config does not have, with a suggestion."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    node: Any = cfg
+    parts = name.split(".")
+    for depth, part in enumerate(parts):
+        if not OmegaConf.is_dict(node):
+            return None  # a list index or a value: Hydra checks the rest
+        if part not in node:
+            where = ".".join(parts[:depth])
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+            hint = f" (did you mean {where}.{close[0]}?)" if close else f" ({where} has: {', '.join(map(str, node))})"
+            return f"{name!r} in {arg!r} is not a config key{hint}; +{name}=... adds a new one"
+        node = node[part] if not OmegaConf.is_missing(node, part) else None
+    return None
 
 
 def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: Sequence[str]) -> str | None:
@@ -243,13 +278,18 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: Seque
     overrides = [a for a in argv if "=" in a]
     if not overrides:
         return None
-    keys, groups = _known_names(config_dir, config_name)
+    chosen = [a for a in overrides if "." not in a.split("=", 1)[0] and not a.startswith(("+", "~"))]
+    cfg, keys, groups = _known_names(config_dir, config_name, chosen)
     known = sorted(keys | groups)
     for arg in overrides:
         name = arg.split("=", 1)[0]
         add = name.startswith("+") and not name.startswith("++")
         top = name.lstrip("+~").split(".", 1)[0].split("@", 1)[0]
         if top in keys or top in groups:
+            if "." in name and not name.startswith(("+", "~")) and top != "hydra" and top not in groups - keys:
+                problem = _nested_problem(cfg, name, arg)
+                if problem:
+                    return problem
             continue
         close = difflib.get_close_matches(top, known, n=1, cutoff=0.75)
         if add and not close:
@@ -271,8 +311,10 @@ def _check_sample_values(config_dir: Path, config_name: str, argv: Sequence[str]
         return None
     try:
         cfg = compose(config_dir, config_name, list(argv))
-        if "checkpoint" not in cfg or OmegaConf.is_missing(cfg, "checkpoint"):
+        if "checkpoint" not in cfg.keys():  # (``in`` is False for a ??? value)
             return None
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            return "checkpoint: required (checkpoint=<a run folder, its export/ or a .ckpt>)"
         values = {k: cfg.get(k) for k in ("num_samples", "batch_size", "grid_size", "checkpoint")}
     except Exception:  # Hydra reports these itself, with its own message
         return None

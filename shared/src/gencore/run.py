@@ -351,6 +351,12 @@ class _NoAdverts(logging.Filter):
 
 
 def _quiet_lightning() -> None:
+    # a configured root (Hydra's job logging): Lightning's own console handlers would print every line twice
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoAdverts) for f in logger.filters):
@@ -459,6 +465,11 @@ def train(cfg: Any) -> TrainResult:
             raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
         check_fits(module, datamodule)
         resume_from = find_resume_checkpoint(cfg.get("resume"), run_dir)
+        if resume_from is None and main and (ckpt_dir / LAST).is_file() and not cfg.get("overwrite", False):
+            raise ConfigError(
+                f"run folder {run_dir} already holds a trained run ({ckpt_dir / LAST}): resume=auto continues it, a "
+                "new run_dir starts another (overwrite=true replaces it)"
+            )
         if main:
             remove_stray_temporaries(ckpt_dir)
             with io.atomic_path(run_dir / "config.yaml") as tmp:
@@ -687,9 +698,36 @@ def write_samples(out: Mapping[str, Any], out_dir: str | os.PathLike, *, grid_si
     return out_dir
 
 
+def _script_package() -> str | None:
+    """The top-level package of the genlab console script running now (``sd3-sample`` -> ``sd3_flow``), or None."""
+    from importlib.metadata import entry_points
+
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    for ep in entry_points(group="console_scripts", name=name):
+        return ep.value.split(":", 1)[0].split(".", 1)[0]
+    return None
+
+
+def check_module_package(module: nn.Module, checkpoint: Any) -> None:
+    """A console script loads only its own package's models: ``sd3-sample`` on a taming run says so in one line
+    (which command fits) instead of failing inside the other model's sampler."""
+    package, theirs = _script_package(), type(module).__module__.split(".", 1)[0]
+    if package is None or package == theirs or package == "gencore" or not hasattr(module, "generate"):
+        return  # (a first stage of another package: the "first stage, not a generative model" error says more)
+    script = Path(sys.argv[0]).name
+    other = _sibling_script(script.rsplit("-", 1)[-1], module)
+    an = "an" if type(module).__name__[:1].lower() in "aeiou" else "a"
+    raise ValueError(
+        f"{checkpoint} holds {an} {type(module).__name__} ({theirs}), not a {package} model: use {other} for it"
+    )
+
+
 def load_for_sampling(cfg: DictConfig, device: torch.device) -> nn.Module:
-    """The trained module of ``cfg.checkpoint`` (export, run folder or .ckpt; optional ``cfg.module``) on ``device``."""
-    return load_module(cfg.checkpoint, cfg.get("module"), use_ema=cfg.get("use_ema", True)).to(device).eval()
+    """The trained module of ``cfg.checkpoint`` (export, run folder or .ckpt; optional ``cfg.module``) on ``device``;
+    from a console script, one of that script's package (:func:`check_module_package`)."""
+    module = load_module(cfg.checkpoint, cfg.get("module"), use_ema=cfg.get("use_ema", True))
+    check_module_package(module, cfg.checkpoint)
+    return module.to(device).eval()
 
 
 def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, Any]]:

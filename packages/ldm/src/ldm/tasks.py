@@ -168,6 +168,7 @@ def evaluate(cfg: Any) -> dict[str, float]:
         seconds = (time.perf_counter() - t0) / num_samples
         metrics = {**fmnist_report(out["images"], out.get("labels")), "seconds_per_image": seconds}
     else:
-        raise ValueError(f"ldm-eval: {cfg.checkpoint} holds a {type(module).__name__}, not an ldm model")
+        run.check_module_package(module, cfg.checkpoint)  # another package's model: which command fits
+        raise ValueError(f"{cfg.checkpoint} holds a {type(module).__name__}, not an ldm model")
     run.write_metrics(metrics, Path(str(cfg.out_dir)))
     return metrics

@@ -34,7 +34,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out).resolve()
     # progress as log lines (gencore.progress): stage, step/total, elapsed, ETA; the same in a terminal and in a log
-    quiet = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "datamodule.num_workers=1"]
+    # (overwrite=true: each `make demo` starts again in runs/demo)
+    quiet = [
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "datamodule.num_workers=1",
+        "overwrite=true",
+    ]
     t0 = time.perf_counter()
     log.info("demo [1/4]: training a VQGAN on Fashion-MNIST for %d batches -> %s", args.vqgan_batches, out / "vqgan")
 

@@ -126,7 +126,8 @@ def evaluate(cfg: Any) -> dict[str, float]:
         _, kwargs = run.sample_request(cfg, module)
         metrics = evaluate_samples(module, n, bs, int(cfg.get("seed", 0)), **kwargs)
     else:
-        raise ValueError(f"taming-eval: {cfg.checkpoint} holds a {type(module).__name__}, not a taming model")
+        run.check_module_package(module, cfg.checkpoint)  # another package's model: which command fits
+        raise ValueError(f"{cfg.checkpoint} holds a {type(module).__name__}, not a taming model")
     if metrics is None:
         return {}
     run.write_metrics(metrics, Path(str(cfg.get("out_dir") or Path(str(cfg.checkpoint)) / "eval")))
