@@ -153,13 +153,8 @@ def _stages(experiment_dir: Path, name: str, seen: frozenset[str] = frozenset())
     return {k: v for k, v in stages.items() if v}
 
 
-def _defaults_groups(path: Path) -> list[str]:
-    """The config groups a primary YAML's ``defaults`` list names (``- trainer: cpu``, ``- debug: null``)."""
-    return list(_defaults(path))
-
-
 def _defaults(path: Path) -> dict[str, Any]:
-    """``{group: default option}`` of a primary YAML's ``defaults`` list."""
+    """``{group: default option}`` of a primary YAML's ``defaults`` list (``- trainer: cpu``, ``- debug: null``)."""
     import yaml
 
     entries = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
@@ -193,7 +188,8 @@ def help_text(config_dir: str | os.PathLike, config_name: str, prog: str) -> str
     if keys:
         out += ["", "keys (key=value; nested ones with --cfg job):"]
         out += textwrap.wrap(keys, 116, initial_indent="  ", subsequent_indent="  ")
-    groups = _defaults_groups(primary)
+    chosen = _defaults(primary)
+    groups = list(chosen)
     if "experiment" in groups:
         experiments = config_dir / "experiment"
         staged = {name: _stages(experiments, name) for name in _options(experiments)}
@@ -204,7 +200,6 @@ def help_text(config_dir: str | os.PathLike, config_name: str, prog: str) -> str
                 parts = [f"{key} <- {spec['command']} experiment={spec['experiment']}" for key, spec in stages.items()]
                 out.append(f"  {name}: {'; '.join(parts)}")
     listed = []
-    chosen = _defaults(primary)
     for group in groups:
         for where, root in (("", config_dir), (" (shared)", CORE_CONFIGS)):
             options = _options(root / group) if (root / group).is_dir() else []
@@ -305,7 +300,7 @@ def _check_sample_values(config_dir: Path, config_name: str, argv: Sequence[str]
     torch) is imported; left to the task when the command line is more than plain overrides or does not compose."""
     from omegaconf import OmegaConf
 
-    from gencore.validate import sample_config_errors
+    from gencore.validate import errors_message, sample_config_errors
 
     if any(a.startswith("-") for a in argv):
         return None
@@ -319,7 +314,7 @@ def _check_sample_values(config_dir: Path, config_name: str, argv: Sequence[str]
     except Exception:  # Hydra reports these itself, with its own message
         return None
     errors = sample_config_errors(values)
-    return "invalid config:\n  " + "\n  ".join(errors) if errors else None
+    return errors_message(errors) if errors else None
 
 
 def compose(config_dir: str | os.PathLike, config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -525,7 +525,7 @@ def _sibling_script(verb: str, module: Any = None) -> str:
 
         package = type(module).__module__.split(".", 1)[0]
         for ep in entry_points(group="console_scripts"):
-            if ep.name.endswith(f"-{verb}") and ep.value.split(".", 1)[0].split(":", 1)[0] == package:
+            if ep.name.endswith(f"-{verb}") and _entry_point_package(ep.value) == package:
                 return ep.name
     return f"<name>-{verb}"
 
@@ -698,13 +698,18 @@ def write_samples(out: Mapping[str, Any], out_dir: str | os.PathLike, *, grid_si
     return out_dir
 
 
+def _entry_point_package(value: str) -> str:
+    """``"sd3_flow.cli:sample"`` -> ``"sd3_flow"``: the top-level package of a console script's entry point."""
+    return value.split(":", 1)[0].split(".", 1)[0]
+
+
 def _script_package() -> str | None:
     """The top-level package of the genlab console script running now (``sd3-sample`` -> ``sd3_flow``), or None."""
     from importlib.metadata import entry_points
 
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     for ep in entry_points(group="console_scripts", name=name):
-        return ep.value.split(":", 1)[0].split(".", 1)[0]
+        return _entry_point_package(ep.value)
     return None
 
 
@@ -742,11 +747,11 @@ def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, A
 def check_sample_config(cfg: DictConfig) -> None:
     """Before anything loads: the counts of a sample / eval config are positive integers, the checkpoint exists, the
     device is there (:func:`gencore.validate.sample_config_errors`)."""
-    from gencore.validate import sample_config_errors
+    from gencore.validate import errors_message, sample_config_errors
 
     errors = sample_config_errors(cfg)
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError(errors_message(errors))
 
 
 def sample(

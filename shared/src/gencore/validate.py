@@ -202,7 +202,12 @@ def validate_config(cfg: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         errors.append(f"seed: expected an integer, got {seed!r}")
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError(errors_message(errors))
+
+
+def errors_message(errors: list[str]) -> str:
+    """``invalid config:`` and one indented line per problem (what ConfigError carries and the CLI prints)."""
+    return "invalid config:\n  " + "\n  ".join(errors)
 
 
 def check_fits(module: Any, datamodule: Any) -> None:

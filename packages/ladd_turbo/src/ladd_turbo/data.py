@@ -20,7 +20,20 @@ from gencore.latents import INDEX_NAME, LatentCacheDataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SyntheticDataModule", "default_prompts"]
+__all__ = ["SyntheticDataModule", "default_prompts", "prompt_list"]
+
+
+def prompt_list(prompts_file: str | None = None, prompts: Sequence[str] | None = None) -> list[str]:
+    """The prompts of a synthesis: ``prompts_file`` (one per line), else ``prompts``, else :func:`default_prompts`."""
+    from ladd_turbo.synth import read_prompts
+
+    if prompts_file:
+        return read_prompts(prompts_file)
+    if prompts is not None:
+        if isinstance(prompts, str) or not list(prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        return [str(p) for p in prompts]
+    return default_prompts()
 
 
 def default_prompts(template: str = "a photo of a {name}") -> list[str]:
@@ -78,17 +91,6 @@ class SyntheticDataModule(DataModule):
 
             read_prompts(prompts_file)  # an empty or missing file fails here, before anything is built
 
-    def prompt_list(self) -> list[str]:
-        from ladd_turbo.synth import read_prompts
-
-        if self.prompts_file is not None:
-            return read_prompts(self.prompts_file)
-        if self.prompts is not None:
-            if not self.prompts:
-                raise ValueError("prompts is empty")
-            return [str(p) for p in self.prompts]
-        return default_prompts()
-
     def prepare(self) -> Path:
         """Make the synthetic data if ``path`` has none (resuming an unfinished synthesis)."""
         if (self.path / INDEX_NAME).is_file():
@@ -99,7 +101,7 @@ class SyntheticDataModule(DataModule):
         log.info("no synthetic data in %s yet: sampling them from the teacher %s", self.path, self.teacher)
         teacher = load_teacher(str(self.teacher))
         teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-        synthesize(teacher, self.prompt_list(), self.path, **self.synth_kwargs)
+        synthesize(teacher, prompt_list(self.prompts_file, self.prompts), self.path, **self.synth_kwargs)
         del teacher
         return self.path
 

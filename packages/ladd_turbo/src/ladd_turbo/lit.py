@@ -173,11 +173,6 @@ class LADDModule(GANModule):
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def train(self, mode: bool = True) -> LADDModule:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def velocity(self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
         """The student's velocity; ``timestep`` in [0, 1000] as the teacher's."""
         return self.student(x, context, pooled, timestep)
@@ -188,12 +183,14 @@ class LADDModule(GANModule):
             return {"context": batch["context"].to(self.device), "pooled": batch["pooled"].to(self.device)}
         return self.teacher.cond_stage_model.encode(batch, len(batch[self.latent_key]))
 
+    def predict_x0(self, velocity: Any, x_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """x0 = x_t - t v(x_t, t) in one step (rectified flow), for ``velocity`` the student's or the teacher's."""
+        return x_t - t.view(-1, 1, 1, 1).to(x_t.dtype) * velocity(x_t, t * self.timestep_scale, **cond)
+
     def one_step_x0(self, x0: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(x0_hat, t): the student's one-step prediction from x0 noised at its training levels."""
         t = sample_student_sigmas(len(x0), self.sigmas, self.timestep_weights, device=x0.device)
-        x_t = renoise(x0, t)
-        v = self.velocity(x_t, t * self.timestep_scale, **cond)
-        return x_t - t.view(-1, 1, 1, 1).to(x_t.dtype) * v, t
+        return self.predict_x0(self.velocity, renoise(x0, t), t, cond), t
 
     def _renoise_t(self, x0: Tensor) -> Tensor:
         return renoise_timesteps(len(x0), device=x0.device, **self.renoise_kwargs)
@@ -257,8 +254,7 @@ class LADDModule(GANModule):
             fn = classifier_free_guidance(
                 fn, self.distillation_guidance, self.teacher.cond_stage_model.unconditional(1)
             )
-        v = fn(z, t * self.timestep_scale, **cond)
-        return z - t.view(-1, 1, 1, 1).to(z.dtype) * v
+        return self.predict_x0(fn, z, t, cond)
 
     def generator_parameters(self) -> Iterable[nn.Parameter]:
         return self.student.parameters()
@@ -276,8 +272,7 @@ class LADDModule(GANModule):
         g = torch.Generator(device=x0.device).manual_seed(batch_idx)
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         t = torch.full((len(x0),), self.sigmas[0], device=x0.device)
-        x_t = renoise(x0, t, eps)
-        x0_hat = x_t - t.view(-1, 1, 1, 1) * self.velocity(x_t, t * self.timestep_scale, **cond)
+        x0_hat = self.predict_x0(self.velocity, renoise(x0, t, eps), t, cond)
         self.log("val/x0_mse", F.mse_loss(x0_hat, x0), batch_size=len(x0))
 
     # ------------------------------------------------------------------------------------------ sampling
@@ -308,10 +303,10 @@ class LADDModule(GANModule):
     ) -> dict[str, Any]:
         """``n`` images for ``captions`` (or the Fashion-MNIST captions of ``labels``) in ``num_steps`` (default: the
         student's) unguided steps -> ``{"images", "captions", "labels"?}``."""
-        ignored = sorted(k for k, v in unused.items() if v is not None and k not in ("sampler", "shift"))
         if unused.get("guidance_scale") not in (None, 1, 1.0):
             raise ValueError("the LADD student samples unguided (guidance_scale=1); it was distilled without guidance")
-        ignored = [k for k in ignored if k != "guidance_scale"]
+        passed = (k for k, v in unused.items() if v is not None)
+        ignored = sorted(k for k in passed if k not in ("sampler", "shift", "guidance_scale"))
         if ignored:
             raise ValueError(f"unknown sampling options for the LADD student: {ignored} (num_steps, generator)")
         teacher = self.teacher

@@ -139,7 +139,6 @@ def synthesize(
             "num_samples": len(captions),
             "shards": [SHARD.format(k) for k in range(num_shards)],
             "captions": captions,
-            "latent_shape": list(tensors["latents"].shape[1:]) if todo else None,
             "settings": settings,
         }
         with atomic_path(index_path) as tmp:

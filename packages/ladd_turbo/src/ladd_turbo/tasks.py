@@ -23,19 +23,14 @@ def _cfg(cfg: Any) -> DictConfig:
 
 def synth(cfg: Any) -> Path:
     """The teacher's guided samples for the prompts as a synthetic latent cache in ``out_dir``."""
-    from ladd_turbo.data import default_prompts
+    from ladd_turbo.data import prompt_list
     from ladd_turbo.lit import load_teacher
-    from ladd_turbo.synth import read_prompts, synthesize
+    from ladd_turbo.synth import synthesize
 
     cfg = _cfg(cfg)
     if cfg.get("teacher") is None or not Path(str(cfg.teacher)).exists():
         raise FileNotFoundError(f"teacher: {cfg.get('teacher')} does not exist (an sd3-train run or export)")
-    if cfg.get("prompts_file"):
-        prompts = read_prompts(cfg.prompts_file)
-    elif cfg.get("prompts"):
-        prompts = [str(p) for p in cfg.prompts]
-    else:
-        prompts = default_prompts()
+    prompts = prompt_list(cfg.get("prompts_file"), cfg.get("prompts"))
     state = run.process_state(cfg.get("device", "auto"))
     teacher = load_teacher(str(cfg.teacher)).to(state.device)
     s = cfg.get("sample") or {}
