@@ -272,3 +272,44 @@ def test_video_datamodule():
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["video"].shape == (2, 3, 4, 16, 16)
+
+
+@needs_fmnist
+def test_instruction_edits_are_exact_and_fixed_per_index():
+    from gencore.data import EDITS, FashionMNISTDataModule, InstructionEdits, apply_edit
+
+    base = FashionMNIST(split="test", image_size=32, limit=40)
+    ds = InstructionEdits(base, seed=3)
+    item = ds[7]
+    assert torch.equal(item["source"], base[7]["image"]) and item["label"] == base[7]["label"]
+    assert item["source_caption"] == base[7]["caption"] and item["caption"] in EDITS
+    assert torch.equal(item["image"], apply_edit(item["caption"], item["source"]))
+    assert [ds[i]["caption"] for i in range(40)] == [InstructionEdits(base, seed=3)[i]["caption"] for i in range(40)]
+    assert len({ds[i]["caption"] for i in range(40)}) == len(EDITS)  # every edit is used
+    x = base[0]["image"]
+    assert torch.equal(apply_edit("invert the colors", x), -x)
+    assert torch.equal(
+        apply_edit("rotate it a quarter turn", apply_edit("rotate it a quarter turn", x)), x.flip(-1).flip(-2)
+    )
+    with pytest.raises(ValueError, match="unknown edit instruction 'paint it red'"):
+        apply_edit("paint it red", x)
+    with pytest.raises(ValueError, match="unknown instructions"):
+        InstructionEdits(base, ["paint it red"])
+    dm = FashionMNISTDataModule(image_size=32, limit_train=16, limit_val=8, batch_size=4, wrap=InstructionEdits)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["source"].shape == batch["image"].shape == (4, 1, 32, 32) and batch["caption"][0] in EDITS
+
+
+@needs_fmnist
+def test_masked_images_have_one_fixed_box_each():
+    from gencore.data import MaskedImages
+
+    ds = MaskedImages(FashionMNIST(split="test", image_size=32, limit=20), seed=1, min_frac=0.25, max_frac=0.5)
+    m = ds[4]["mask"]
+    assert m.shape == (1, 32, 32) and torch.equal(m, ds[4]["mask"]) and not torch.equal(m, ds[5]["mask"])
+    rows, cols = m[0].sum(1), m[0].sum(0)
+    h, w = int((rows > 0).sum()), int((cols > 0).sum())
+    assert 8 <= h <= 16 and 8 <= w <= 16 and m.sum() == h * w  # one box, sides in [0.25, 0.5] x 32
+    with pytest.raises(ValueError, match="min_frac <= max_frac"):
+        MaskedImages(ds.dataset, min_frac=0.7, max_frac=0.5)

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 
 from gencore import io, run
 from gencore.cli import compose
+from gencore.latents import LatentCacheDataset
 from gencore.testing import TinyAutoencoderModule, randomize_parameters
 from ladd_turbo.cli import CONFIGS
 from ladd_turbo.lit import load_teacher
@@ -135,3 +136,31 @@ def test_bad_inputs_are_named(teacher, tmp_path):
     io.export(TinyAutoencoderModule(channels=1), cfg, not_a_teacher)
     with pytest.raises(ValueError, match="not an sd3_flow RectifiedFlowModule"):
         load_teacher(str(not_a_teacher))
+
+
+@pytest.mark.parametrize("exp", ["fmnist_inpaint_turbo", "fmnist_edit_turbo"])
+def test_applications_distil_from_the_cli(exp, tmp_path):
+    """ladd-train experiment=fmnist_{inpaint,edit}_turbo on a tiny exported image-conditioned teacher: synthetic data
+    made from real Fashion-MNIST items first, a few LADD steps, then ladd-sample with test images as conditions."""
+    kind = "InpaintingConditioner" if "inpaint" in exp else "EditingConditioner"
+    cfg = {
+        **TEACHER,
+        "transformer": {**TEACHER["transformer"], "in_channels": 3 if kind == "InpaintingConditioner" else 2},
+        "cond_stage_model": {**TEACHER["cond_stage_model"], "_target_": f"sd3_flow.conditioning.{kind}"},
+    }
+    torch.manual_seed(0)
+    module = instantiate(cfg)
+    randomize_parameters(module.transformer, seed=3, std=0.05)
+    teacher = io.export(module, {"module": cfg}, tmp_path / "teacher")
+    run_dir = tmp_path / "run"
+    small = [o for o in SMALL if "num_per_prompt" not in o]
+    overrides = [f"experiment={exp}", f"teacher={teacher}", f"run_dir={run_dir}", *small]
+    overrides += ["datamodule.num_samples=8", "datamodule.source.dataset.image_size=8"]
+    res = run.train(compose(CONFIGS, "train", overrides))
+    assert res.trainer.global_step == 6
+    assert LatentCacheDataset(run_dir / "synthetic").extra["c_concat"].shape[0] == 8
+    out = tmp_path / "samples"
+    proc = cli("ladd-sample", f"checkpoint={run_dir}", "num_samples=3", "labels=[1,2]", f"out_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == data["sources"].shape == (3, 1, 8, 8) and data["labels"].tolist() == [1, 2, 1]

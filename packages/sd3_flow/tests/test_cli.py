@@ -111,7 +111,10 @@ def test_every_experiment_composes():
         )
         assert cfg.module._target_ == "sd3_flow.lit.RectifiedFlowModule"
         assert cfg.module.objective in ("rf/lognorm(0.00,1.00)", "rf/mode(1.29)", "rf/cosmap", "rf", "eps/linear")
-        assert cfg.module.cond_stage_model._target_ == "sd3_flow.conditioning.SD3TextConditioner"
+        assert cfg.module.cond_stage_model._target_ == "sd3_flow.conditioning." + {
+            "fmnist_inpaint": "InpaintingConditioner",
+            "fmnist_edit": "EditingConditioner",
+        }.get(exp, "SD3TextConditioner")
         assert "text" not in cfg.module and "steps" not in cfg.module.sample and cfg.module.sample.num_steps > 0
         if exp.startswith("fmnist"):
             assert cfg.module.first_stage._target_ == "ldm.first_stage.kl_codec"
@@ -123,3 +126,32 @@ def test_prompt_file_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="holds no prompts"):
         tasks.read_prompts(tmp_path / "empty.txt")
+
+
+@pytest.mark.parametrize("exp,extra", [("fmnist_inpaint", 2), ("fmnist_edit", 1)])
+def test_image_conditioned_models_train_and_sample(tmp_path, exp, extra):
+    """The LADD paper's applications as sd3_flow models (pixel space here): the image condition on extra input
+    channels, trained from the experiment config, sampled with Fashion-MNIST test images as the conditions."""
+    run_dir = tmp_path / exp
+    pixel = [o for o in PIXEL if "transformer.in_channels" not in o and "transformer.out_channels" not in o]
+    overrides = [f"module.transformer.in_channels={1 + extra}", "module.transformer.out_channels=1", *pixel]
+    run.train(
+        compose(
+            CONFIGS,
+            "train",
+            [
+                f"experiment={exp}",
+                f"run_dir={run_dir}",
+                "trainer.max_steps=6",
+                "callbacks.images.every_n_steps=6",
+                *overrides,
+            ],
+        )
+    )
+    assert (run_dir / "images" / "samples" / "step_0000006.png").is_file()
+    cfg = compose(CONFIGS, "sample", [f"checkpoint={run_dir}", f"out_dir={tmp_path / 's'}", "labels=[3,7]"])
+    cfg.num_samples, cfg.sample.num_steps, cfg.batch_size = 3, 2, 2
+    data = np.load(tasks.sample(cfg) / "samples.npz")
+    assert data["labels"].tolist() == [3, 7, 3] and data["sources"].shape == data["images"].shape == (3, 1, 32, 32)
+    if exp == "fmnist_edit":
+        assert data["targets"].shape == (3, 1, 32, 32)

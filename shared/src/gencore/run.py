@@ -569,6 +569,9 @@ def load_module(
 
 
 PER_SAMPLE_KWARGS = ("labels", "captions", "prompts")
+#: images a ``generate`` may return beside its samples: the conditioning images (an inpainting model's masked
+#: inputs, an editing model's sources) and known ground truth (exact edits); kept, gathered and written like labels
+CONDITION_IMAGES = ("sources", "targets")
 
 
 def _split_per_sample(kwargs: dict[str, Any], num_samples: int) -> tuple[dict[str, list], dict[str, Any]]:
@@ -599,13 +602,17 @@ def _generate_batch(
         result["labels"] = torch.as_tensor(out["labels"]).cpu()[:n]
     if out.get("captions") is not None:
         result["captions"] = list(out["captions"])[:n]
+    for key in CONDITION_IMAGES:
+        if out.get(key) is not None:
+            result[key] = out[key].detach().float().cpu()[:n]
     return result
 
 
 def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {"images": torch.cat([b["images"] for b in batches])}
-    if all("labels" in b for b in batches):
-        result["labels"] = torch.cat([b["labels"] for b in batches])
+    for key in ("labels", *CONDITION_IMAGES):
+        if all(key in b for b in batches):
+            result[key] = torch.cat([b[key] for b in batches])
     if all("captions" in b for b in batches):
         result["captions"] = [c for b in batches for c in b["captions"]]
     return result
@@ -693,6 +700,9 @@ def write_samples(out: Mapping[str, Any], out_dir: str | os.PathLike, *, grid_si
         arrays["labels"] = np.asarray(out["labels"])
     if "captions" in out:
         arrays["captions"] = np.asarray(out["captions"])
+    for key in CONDITION_IMAGES:
+        if key in out:
+            arrays[key] = to_uint8(out[key]).numpy()
     with io.atomic_path(out_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     return out_dir

@@ -80,6 +80,10 @@ def _check_student(student: nn.Module, teacher_net: nn.Module) -> None:
         )
 
 
+def _with_concat(x: Tensor, c_concat: Tensor | None) -> Tensor:
+    return x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
+
+
 class LADDModule(GANModule):
     """Latent adversarial diffusion distillation of an sd3_flow teacher.
 
@@ -173,14 +177,19 @@ class LADDModule(GANModule):
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def velocity(self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
-        """The student's velocity; ``timestep`` in [0, 1000] as the teacher's."""
-        return self.student(x, context, pooled, timestep)
+    def velocity(
+        self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor, c_concat: Tensor | None = None
+    ) -> Tensor:
+        """The student's velocity; ``timestep`` in [0, 1000] as the teacher's; ``c_concat`` the image condition of an
+        inpainting / editing teacher, concatenated to the input channels as the teacher does."""
+        return self.student(_with_concat(x, c_concat), context, pooled, timestep)
 
     def condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """The stored text features of a synthetic batch, or the teacher's encoding of its captions."""
+        """The stored conditions of a synthetic batch (text features, and the image condition ``c_concat`` of an
+        inpainting / editing teacher), or the teacher's encoding of the batch."""
         if "context" in batch and "pooled" in batch:
-            return {"context": batch["context"].to(self.device), "pooled": batch["pooled"].to(self.device)}
+            keys = [k for k in ("context", "pooled", "c_concat") if k in batch]
+            return {k: batch[k].to(self.device, non_blocking=True) for k in keys}
         return self.teacher.cond_stage_model.encode(batch, len(batch[self.latent_key]))
 
     def predict_x0(self, velocity: Any, x_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
@@ -196,7 +205,9 @@ class LADDModule(GANModule):
         return renoise_timesteps(len(x0), device=x0.device, **self.renoise_kwargs)
 
     def discriminate(self, z: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-        """(B, n_heads) logits of re-noised latents ``z`` at ``t`` in [0, 1]."""
+        """(B, n_heads) logits of re-noised latents ``z`` at ``t`` in [0, 1] (with the image condition, if any, on
+        the teacher's extra input channels)."""
+        z = _with_concat(z, cond.get("c_concat"))
         return self.discriminator(self.teacher.transformer, z, t, cond["context"], cond["pooled"])
 
     # ------------------------------------------------------------------------------------------ the two steps
@@ -303,6 +314,9 @@ class LADDModule(GANModule):
     ) -> dict[str, Any]:
         """``n`` images for ``captions`` (or the Fashion-MNIST captions of ``labels``) in ``num_steps`` (default: the
         student's) unguided steps -> ``{"images", "captions", "labels"?}``."""
+        from sd3_flow.lit import image_request
+
+        request = image_request(unused)  # images / masks of an inpainting or editing student
         if unused.get("guidance_scale") not in (None, 1, 1.0):
             raise ValueError("the LADD student samples unguided (guidance_scale=1); it was distilled without guidance")
         passed = (k for k, v in unused.items() if v is not None)
@@ -310,7 +324,7 @@ class LADDModule(GANModule):
         if ignored:
             raise ValueError(f"unknown sampling options for the LADD student: {ignored} (num_steps, generator)")
         teacher = self.teacher
-        batch, out = teacher.cond_stage_model.generation_batch(n, captions=captions, labels=labels)
+        batch, out = teacher.cond_stage_model.generation_batch(n, captions=captions, labels=labels, **request)
         cond = teacher.cond_stage_model.encode(batch, n)
         z = self.sample_latents(cond, num_steps=num_steps, generator=generator)
         out["images"] = teacher.decode(z).clamp(-1, 1)

@@ -12,6 +12,11 @@ is decoded. The store is a gencore latent cache (``latents-XXXXX.safetensors`` s
   writes the index once all shards exist;
 - **seeded per shard**: shard k's noise comes from ``seed + k``, so the data do not depend on how many processes made
   them or on where a killed run stopped.
+
+An image-conditioned teacher (inpainting, editing: :class:`sd3_flow.conditioning.ConcatConditioner`) is run over a
+``dataset`` of real items instead of a prompt list (e.g. ``MaskedImages(FashionMNIST)`` with fixed masks, or
+``InstructionEdits(FashionMNIST)``): its conditioner encodes each batch of items, and the image condition
+``c_concat`` is stored with the text features (and the items' ``label`` when they have one).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from gencore.latents import INDEX_NAME
 from gencore.progress import Progress
@@ -38,8 +44,8 @@ __all__ = ["read_prompts", "synthesize"]
 SHARD = "latents-{:05d}.safetensors"
 
 
-def _fingerprint(teacher: nn.Module, prompts: Sequence[str], settings: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps({"prompts": list(prompts), **settings}, sort_keys=True).encode())
+def _fingerprint(teacher: nn.Module, prompts: Sequence[str] | None, settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps({"prompts": list(prompts or []), **settings}, sort_keys=True).encode())
     for name, t in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()[:4096])
@@ -49,9 +55,11 @@ def _fingerprint(teacher: nn.Module, prompts: Sequence[str], settings: dict[str,
 @torch.no_grad()
 def synthesize(
     teacher: nn.Module,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None,
     out_dir: str | os.PathLike,
     *,
+    dataset: Dataset | None = None,
+    num_samples: int | None = None,
     num_per_prompt: int = 1,
     guidance_scale: float = 4.0,
     num_steps: int = 28,
@@ -61,15 +69,32 @@ def synthesize(
     shard_size: int = 256,
     seed: int = 0,
 ) -> Path:
-    """Write ``len(prompts) * num_per_prompt`` teacher samples (prompt i's copies together) to ``out_dir``."""
+    """Write ``len(prompts) * num_per_prompt`` teacher samples (prompt i's copies together) to ``out_dir``; or, with
+    a ``dataset`` (image-conditioned teachers), one sample for each of its first ``num_samples`` items (default:
+    all) under the conditions the teacher's conditioner makes of them."""
     from safetensors.torch import save_file
 
     from gencore.io import atomic_path
     from gencore.run import process_state
 
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        raise ValueError("synthesize: the prompt list is empty")
+    concat = _takes_images(teacher)
+    if dataset is not None:
+        if not concat:
+            raise ValueError("synthesize: a dataset is for image-conditioned teachers; this one takes prompts only")
+        count = len(dataset) if num_samples is None else int(num_samples)  # type: ignore[arg-type]
+        if not 1 <= count <= len(dataset):  # type: ignore[arg-type]
+            raise ValueError(f"synthesize: num_samples must be in 1..{len(dataset)}, got {num_samples}")  # type: ignore[arg-type]
+        prompts = None
+    elif concat:
+        raise ValueError(
+            f"synthesize: the teacher's {type(teacher.cond_stage_model).__name__} needs images: pass a dataset of "
+            "items (datamodule.source=...) instead of prompts"
+        )
+    else:
+        prompts = [str(p) for p in (prompts or [])]
+        if not prompts:
+            raise ValueError("synthesize: the prompt list is empty")
+        count = len(prompts) * num_per_prompt
     if num_per_prompt < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(
             f"synthesize: num_per_prompt, batch_size and shard_size must be >= 1, got {num_per_prompt}, "
@@ -88,6 +113,8 @@ def synthesize(
         "shard_size": shard_size,
         "seed": seed,
     }
+    if dataset is not None:
+        settings["dataset"] = {"type": type(dataset).__name__, "len": len(dataset), "num_samples": count}  # type: ignore[arg-type]
     fp = _fingerprint(teacher, prompts, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,8 +122,8 @@ def synthesize(
     if index_path.is_file() and json.loads(index_path.read_text()).get("fingerprint") == fp:
         log.info("synthetic data in %s are up to date", out)
         return out
-    captions = [p for p in prompts for _ in range(num_per_prompt)]
-    num_shards = -(-len(captions) // shard_size)
+    captions = [p for p in prompts for _ in range(num_per_prompt)] if prompts is not None else None
+    num_shards = -(-count // shard_size)
     state = process_state(next(teacher.parameters()).device)
     marker = out / "fingerprint.json"
     if state.is_main_process:
@@ -112,11 +139,14 @@ def synthesize(
     progress = Progress("synthesizing", len(todo), unit="shard", enabled=state.is_main_process)
     device = next(teacher.parameters()).device
     for done, k in enumerate(todo):
-        chunk = captions[k * shard_size : (k + 1) * shard_size]
         generator = torch.Generator(device=device).manual_seed(seed + k)
-        parts: dict[str, list[torch.Tensor]] = {"latents": [], "context": [], "pooled": []}
-        for i in range(0, len(chunk), batch_size):
-            cond = teacher.cond_stage_model.encode_text(chunk[i : i + batch_size])
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(k * shard_size, min((k + 1) * shard_size, count), batch_size):
+            stop = min(start + batch_size, (k + 1) * shard_size, count)
+            if dataset is None:
+                cond, extra = teacher.cond_stage_model.encode_text(captions[start:stop]), {}
+            else:
+                cond, extra = _encode_items(teacher, dataset, range(start, stop), device)
             z = teacher.sample_latents(
                 cond,
                 sampler=sampler,
@@ -125,23 +155,44 @@ def synthesize(
                 guidance_scale=guidance_scale,
                 generator=generator,
             )
-            parts["latents"].append(z.float().cpu())
-            parts["context"].append(cond["context"].float().cpu())
-            parts["pooled"].append(cond["pooled"].float().cpu())
+            for name, t in {"latents": z, **cond, **extra}.items():
+                parts.setdefault(name, []).append(t.float().cpu() if t.is_floating_point() else t.cpu())
         tensors = {name: torch.cat(v).contiguous() for name, v in parts.items()}
         with atomic_path(out / SHARD.format(k)) as tmp:
             save_file(tensors, str(tmp))
         progress.update(done + 1)
     state.wait_for_everyone()
     if state.is_main_process:
+        if captions is None:
+            captions = [str(dataset[i]["caption"]) for i in range(count)]  # type: ignore[index]
         index = {
             "fingerprint": fp,
-            "num_samples": len(captions),
+            "num_samples": count,
             "shards": [SHARD.format(k) for k in range(num_shards)],
             "captions": captions,
             "settings": settings,
         }
         with atomic_path(index_path) as tmp:
             tmp.write_text(json.dumps(index, indent=1))
-        log.info("synthetic data: %d samples of %d prompts in %s", len(captions), len(prompts), out)
+        log.info("synthetic data: %d samples (%d captions) in %s", count, len(set(captions)), out)
     return out
+
+
+def _takes_images(teacher: nn.Module) -> bool:
+    from sd3_flow.conditioning import ConcatConditioner
+
+    return isinstance(getattr(teacher, "cond_stage_model", None), ConcatConditioner)
+
+
+def _encode_items(
+    teacher: nn.Module, dataset: Dataset, indices: range, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The teacher's conditions for dataset items ``indices`` (their images, masks, sources, captions), and their
+    labels as ``{"label": ...}`` when they have them."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate([dataset[i] for i in indices])
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()}
+    cond = teacher.cond_stage_model.encode(batch, len(indices))
+    extra = {"label": torch.as_tensor(batch["label"]).long()} if "label" in batch else {}
+    return cond, extra

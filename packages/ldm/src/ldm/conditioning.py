@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gencore.conditioning import ClassLabels, Conditioner, NoConditioner, requested_captions, take
+from gencore.conditioning import (
+    ClassLabels,
+    Conditioner,
+    NoConditioner,
+    inpainting_condition,
+    random_masks,
+    requested_captions,
+    take,
+)
 from gencore.modules import check_index_range
 
 __all__ = [
@@ -114,42 +122,6 @@ def one_hot_map(seg: Tensor, n_classes: int) -> Tensor:
     check_index_range(seg, n_classes, "segmentation labels")
     classes = torch.arange(n_classes, device=seg.device).view(1, n_classes, 1, 1)
     return (seg[:, None] == classes).float()  # (B, n_classes, H, W)
-
-
-def random_masks(
-    n: int,
-    size: int,
-    *,
-    generator: torch.Generator | None = None,
-    min_frac: float = 0.25,
-    max_frac: float = 0.6,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """(n, 1, size, size) box masks, 1 = hole to fill (the LDM inpainting training masks are boxes / strokes): box
-    sides uniform in [min_frac, max_frac] x size (at least 1 pixel), positions uniform.
-
-    Drawn on the generator's device (the default generator: on ``device``) without host syncs, then moved to
-    ``device`` with ``non_blocking=True``."""
-    if not 0.0 < min_frac <= max_frac <= 1.0:
-        raise ValueError(f"random_masks: need 0 < min_frac <= max_frac <= 1, got {min_frac}, {max_frac}")
-    where = generator.device if generator is not None else device
-    u = torch.rand(n, 4, generator=generator, device=where)  # (n, [h, w, top, left])
-    hw = ((u[:, :2] * (max_frac - min_frac) + min_frac) * size).floor().clamp(1, size)  # (n, 2)
-    corner = (u[:, 2:] * (size - hw + 1)).floor()  # uniform in [0, size - side]
-    grid = torch.arange(size, device=where, dtype=u.dtype)
-    inside = (grid >= corner[..., None]) & (grid < (corner + hw)[..., None])  # (n, 2, size): rows, columns
-    masks = (inside[:, 0, :, None] & inside[:, 1, None, :]).to(u.dtype)[:, None]  # (n, 1, size, size)
-    return masks.to(device if device is not None else where, non_blocking=True)
-
-
-def inpainting_condition(image: Tensor, mask: Tensor, encode: Any) -> Tensor:
-    """LDM inpainting concat input: [encode(masked image), mask resized to the latent grid] (``inpainting_big``:
-    3 + 1 channels next to the 3 latent channels). ``mask`` = 1 marks the hole."""
-    if mask.shape[-2:] != image.shape[-2:] or mask.shape[1] != 1:
-        raise ValueError(f"inpainting mask must be (B, 1, H, W) like the image, got {tuple(mask.shape)}")
-    z = encode(image * (1 - mask))  # the hole is set to 0 (gray) before encoding
-    m = F.interpolate(mask, size=z.shape[-2:], mode="nearest")
-    return torch.cat([z, m], dim=1)
 
 
 def low_resolution_condition(image: Tensor, factor: int, size: tuple[int, int]) -> Tensor:

@@ -33,7 +33,7 @@ from gencore.conditioning import Conditioner, requested_captions, take
 from gencore.diffusion import check_probability, dropout_masks
 from gencore.modules import FrozenModule
 
-__all__ = ["SD3TextConditioner"]
+__all__ = ["ConcatConditioner", "EditingConditioner", "InpaintingConditioner", "SD3TextConditioner"]
 
 CLIP_NAMES = ("clip_l", "clip_g")
 
@@ -230,3 +230,236 @@ class SD3TextConditioner(FrozenModule, Conditioner):
         if picked is not None:
             outputs["labels"] = picked
         return {self.caption_key: texts}, outputs
+
+
+# ------------------------------------------------------------------------- image conditions by concatenation
+
+
+class ConcatConditioner(Conditioner):
+    """Text (an :class:`SD3TextConditioner`) plus an image condition concatenated to the latent input, ``c_concat``
+    (the SD3 inpainting and instruction-editing models of the LADD paper, Sec. 5: extra input channels of the MMDiT's
+    patch embedding; the output keeps the latent's channels). ``{"context", "pooled", "c_concat"}``. ``text``: the
+    text conditioner, or (other keyword arguments) the arguments of the one to build (``minilm=True``, ``t5=...``).
+
+    Only the text is dropped for classifier-free guidance (``unconditional`` has no ``c_concat``: both halves of a
+    guided batch share the image). The image part is encoded with the owning module's ``encode`` (first stage and
+    latent normaliser), received through :meth:`bind`, which also checks the network's ``in_channels`` =
+    latent channels + :meth:`concat_channels` and ``out_channels`` = latent channels.
+
+    Generation requests: ``captions`` / ``labels`` as the text conditioner, and the images (``images``; subclasses add
+    theirs). Without images, Fashion-MNIST test images are drawn (the toy models' data; classes from ``labels``) with
+    the global RNG, which :func:`gencore.run.generate` seeds per batch.
+    """
+
+    produces = ("context", "pooled", "c_concat")
+    requests: tuple[str, ...] = ("captions", "labels", "images")
+
+    def __init__(self, text: SD3TextConditioner | None = None, *, image_key: str = "image", **text_kwargs: Any) -> None:
+        super().__init__()
+        if text is None:
+            text = SD3TextConditioner(**text_kwargs)
+        elif text_kwargs:
+            raise ValueError(f"pass the text conditioner or its arguments ({sorted(text_kwargs)}), not both")
+        if not isinstance(text, SD3TextConditioner):
+            raise ValueError(f"text must be an SD3TextConditioner, got {type(text).__name__}")
+        self.text = text
+        self.image_key = image_key
+        self._encode: Any = None
+        self._image_shape: tuple[int, int, int] | None = None
+        self._reference: Any = None  # Fashion-MNIST test images, read on first use
+
+    def concat_channels(self, latent_channels: int) -> int:
+        """Channels of ``c_concat`` for a first stage with ``latent_channels``."""
+        raise NotImplementedError
+
+    def concat(self, batch: Mapping[str, Any], n: int | None) -> Tensor:
+        raise NotImplementedError
+
+    def bind(self, *, model: nn.Module | None = None, codec: Any = None, encode: Any = None, **context: Any) -> None:
+        self.text.bind(model=model)
+        self._encode = encode
+        latent_shape = context.get("latent_shape")
+        if codec is not None and latent_shape is not None:
+            c, h, w = latent_shape
+            f = int(codec.downsample_factor)
+            self._image_shape = (int(getattr(codec, "in_channels", 1)), h * f, w * f)
+            want = c + self.concat_channels(c)
+            got_in, got_out = getattr(model, "in_channels", want), getattr(model, "out_channels", c)
+            if got_in != want or got_out != c:
+                raise ValueError(
+                    f"{type(self).__name__}: the transformer must take {c} latent + {want - c} condition = {want} "
+                    f"input channels and return {c} (in_channels={want}, out_channels={c}), got in_channels={got_in}, "
+                    f"out_channels={got_out}"
+                )
+
+    def _encoded(self, images: Tensor) -> Tensor:
+        if self._encode is None:
+            raise ValueError(f"{type(self).__name__} is not bound to a model (it needs the first stage's encode)")
+        return self._encode(images)
+
+    def encode(self, batch: Mapping[str, Any], n: int | None = None) -> dict[str, Tensor]:
+        return {**self.text.encode(batch, n), "c_concat": self.concat(batch, n)}
+
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        n: int | None = None,
+        *,
+        drop: float | Mapping[str, float] = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """The text with its dropout (:meth:`SD3TextConditioner.forward`), the image condition never dropped."""
+        return {**self.text(batch, n, drop=drop, generator=generator), "c_concat": self.concat(batch, n)}
+
+    def unconditional(self, n: int) -> dict[str, Tensor]:
+        return self.text.unconditional(n)
+
+    def reference_images(self, n: int, labels: Sequence[int] | Tensor | None) -> tuple[Tensor, list[int]]:
+        """``n`` Fashion-MNIST test images (of the classes ``labels``, cycled; default: any) and their labels, drawn
+        with the global RNG."""
+        from gencore.data import FashionMNIST
+
+        if self._image_shape is None:
+            raise ValueError(f"{type(self).__name__}: pass images= (the conditioner does not know the image size)")
+        channels, size, _ = self._image_shape
+        if self._reference is None:
+            self._reference = FashionMNIST(split="test", image_size=size, channels=1 if channels == 1 else 3)
+        ds = self._reference
+        if labels is None:
+            picks = torch.randint(len(ds), (n,)).tolist()
+        else:
+            wanted = [int(c) for c in (labels.tolist() if isinstance(labels, Tensor) else labels)]
+            if not wanted:
+                raise ValueError("labels is empty")
+            picks = []
+            for i in range(n):
+                pool = (ds.labels == wanted[i % len(wanted)]).nonzero().flatten()
+                if len(pool) == 0:
+                    raise ValueError(f"no Fashion-MNIST test image of class {wanted[i % len(wanted)]}")
+                picks.append(int(pool[torch.randint(len(pool), (1,))]))
+        images = ds.to_model_range(ds.images[picks])
+        return images, [int(ds.labels[i]) for i in picks]
+
+    def _images(self, n: int, images: Tensor | None, labels: Any) -> tuple[Tensor, list[int] | None]:
+        if images is None:
+            return self.reference_images(n, labels)
+        images = torch.as_tensor(images)
+        if images.dim() != 4 or len(images) < n:
+            raise ValueError(f"images must be (N >= {n}, C, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        if self._image_shape is not None and tuple(images.shape[1:]) != self._image_shape:
+            raise ValueError(f"images must be (N, {', '.join(map(str, self._image_shape))}), got {tuple(images.shape)}")
+        picked = None if labels is None else [int(c) for c in labels][:n]
+        return images[:n], picked
+
+
+class InpaintingConditioner(ConcatConditioner):
+    """Inpainting (LADD Sec. 5.2): ``c_concat`` = [latent of the masked image, the mask at the latent size]
+    (:func:`gencore.conditioning.inpainting_condition`; the hole, ``mask`` = 1, is set to 0 before encoding).
+    ``batch[mask_key]`` (B, 1, H, W); without it (training) box masks are drawn on the images' device
+    (:func:`gencore.conditioning.random_masks` with ``min_frac`` / ``max_frac``). Requests: ``images``, ``masks``
+    (default: drawn), captions / labels (default: the images' class captions)."""
+
+    requests = ("captions", "labels", "images", "masks")
+
+    def __init__(
+        self,
+        text: SD3TextConditioner | None = None,
+        *,
+        image_key: str = "image",
+        mask_key: str = "mask",
+        min_frac: float = 0.25,
+        max_frac: float = 0.6,
+        **text_kwargs: Any,
+    ) -> None:
+        from gencore.conditioning import random_masks
+
+        super().__init__(text, image_key=image_key, **text_kwargs)
+        random_masks(1, 8, min_frac=min_frac, max_frac=max_frac)  # bad fractions fail at construction
+        self.mask_key, self.min_frac, self.max_frac = mask_key, min_frac, max_frac
+
+    def concat_channels(self, latent_channels: int) -> int:
+        return latent_channels + 1
+
+    def masks(self, n: int, size: int, device: Any = None) -> Tensor:
+        from gencore.conditioning import random_masks
+
+        return random_masks(n, size, min_frac=self.min_frac, max_frac=self.max_frac, device=device)
+
+    def concat(self, batch: Mapping[str, Any], n: int | None) -> Tensor:
+        from gencore.conditioning import inpainting_condition
+
+        x = take(batch, self.image_key, n, "inpainting conditioning")
+        mask = batch.get(self.mask_key)
+        mask = self.masks(len(x), x.shape[-1], x.device) if mask is None else mask[: len(x)].to(x.device, x.dtype)
+        return inpainting_condition(x, mask, self._encoded)
+
+    def generation_batch(
+        self,
+        n: int,
+        *,
+        captions: Sequence[str] | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        images: Tensor | None = None,
+        masks: Tensor | None = None,
+        **request: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        Conditioner.generation_batch(self, n, **request)  # refuses anything else
+        images, picked = self._images(n, images, labels)
+        masks = self.masks(n, images.shape[-1]) if masks is None else torch.as_tensor(masks)[:n].to(images.dtype)
+        if masks.shape != (n, 1, *images.shape[-2:]):
+            raise ValueError(f"masks must be (N, 1, H, W) like the images, got shape {tuple(masks.shape)}")
+        texts, _ = requested_captions(n, captions, picked)
+        out: dict[str, Any] = {"captions": texts, "sources": images * (1 - masks)}
+        if picked is not None:
+            out["labels"] = picked
+        return {self.text.caption_key: texts, self.image_key: images, self.mask_key: masks}, out
+
+
+class EditingConditioner(ConcatConditioner):
+    """Instruction editing (LADD Sec. 5.2, InstructPix2Pix-style): ``c_concat`` = the latent of ``batch[source_key]``
+    (the image to edit); the caption is the instruction. Requests: ``images`` (the sources; default: Fashion-MNIST
+    test images), ``captions`` (the instructions; default: :data:`gencore.data.EDITS` in turn); with the default
+    instructions the exact edits are returned as ``targets``."""
+
+    def __init__(
+        self,
+        text: SD3TextConditioner | None = None,
+        *,
+        image_key: str = "image",
+        source_key: str = "source",
+        **text_kwargs: Any,
+    ) -> None:
+        super().__init__(text, image_key=image_key, **text_kwargs)
+        self.source_key = source_key
+
+    def concat_channels(self, latent_channels: int) -> int:
+        return latent_channels
+
+    def concat(self, batch: Mapping[str, Any], n: int | None) -> Tensor:
+        return self._encoded(take(batch, self.source_key, n, "editing conditioning"))
+
+    def generation_batch(
+        self,
+        n: int,
+        *,
+        captions: Sequence[str] | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        images: Tensor | None = None,
+        **request: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        from gencore.data import EDITS, apply_edit
+
+        Conditioner.generation_batch(self, n, **request)
+        sources, picked = self._images(n, images, labels)
+        if captions is None:
+            offset = int(torch.randint(len(EDITS), (1,)))
+            captions = [list(EDITS)[(offset + i) % len(EDITS)] for i in range(n)]
+        texts = [str(c) for c in list(captions)[:n]]
+        if len(texts) < n:
+            raise ValueError(f"{n} instructions expected, got {len(texts)}")
+        out: dict[str, Any] = {"captions": texts, "sources": sources}
+        if all(t in EDITS for t in texts):
+            out["targets"] = torch.stack([apply_edit(t, s) for t, s in zip(texts, sources, strict=True)])
+        if picked is not None:
+            out["labels"] = picked
+        return {self.text.caption_key: texts, self.source_key: sources}, out

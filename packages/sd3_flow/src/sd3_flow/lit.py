@@ -28,7 +28,7 @@ from gencore.modules import freeze
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SAMPLE_DEFAULTS", "RectifiedFlowModule", "legacy_arguments"]
+__all__ = ["IMAGE_REQUESTS", "SAMPLE_DEFAULTS", "RectifiedFlowModule", "image_request", "legacy_arguments"]
 
 SAMPLERS = ("euler", "heun", "ddim")
 #: what ``generate`` uses unless the module's ``sample`` defaults (the YAML configs set them) or the call say otherwise;
@@ -64,6 +64,16 @@ def legacy_arguments(cond_stage_model: Any, text: Any, sample: Mapping[str, Any]
             raise ValueError("sample defaults give both num_steps and (the older name) steps; keep num_steps")
         sample["num_steps"] = sample.pop("steps")
     return cond_stage_model, sample
+
+
+#: generation requests of image-conditioned models, passed to the conditioner rather than the sampler
+IMAGE_REQUESTS = ("images", "masks")
+
+
+def image_request(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The image requests (:data:`IMAGE_REQUESTS`) taken out of ``kwargs`` (``None`` values dropped)."""
+    taken = {k: kwargs.pop(k) for k in IMAGE_REQUESTS if k in kwargs}
+    return {k: v for k, v in taken.items() if v is not None}
 
 
 class RectifiedFlowModule(L.LightningModule):
@@ -141,7 +151,7 @@ class RectifiedFlowModule(L.LightningModule):
                 f"cond_stage_model must be a gencore.conditioning.Conditioner, got {type(cond_stage_model).__name__}"
             )
         self.cond_stage_model = cond_stage_model
-        self.cond_stage_model.bind(model=transformer, codec=codec, latent_shape=self.latent_shape)
+        self.cond_stage_model.bind(model=transformer, codec=codec, latent_shape=self.latent_shape, encode=self.encode)
         self.p_drop_text = check_probability(p_drop_text, "p_drop_text")
 
         self.objective_name = objective
@@ -157,8 +167,14 @@ class RectifiedFlowModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ network
 
-    def velocity(self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
-        """The network output (velocity for rf, eps for eps/linear); ``timestep`` in [0, 1000]."""
+    def velocity(
+        self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor, c_concat: Tensor | None = None
+    ) -> Tensor:
+        """The network output (velocity for rf, eps for eps/linear); ``timestep`` in [0, 1000]. ``c_concat``: an image
+        condition concatenated to the input channels (inpainting / editing models, :class:`~sd3_flow.conditioning.
+        ConcatConditioner`)."""
+        if c_concat is not None:
+            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)
         return self.transformer(x, context, pooled, timestep)
 
     # -------------------------------------------------------------------------------------------- latents
@@ -260,8 +276,11 @@ class RectifiedFlowModule(L.LightningModule):
     ) -> dict[str, Any]:
         """``n`` images for ``captions`` (or for the Fashion-MNIST captions of ``labels``; default: random
         classes) -> ``{"images", "captions", "labels"?}``. sampler / num_steps / shift / guidance_scale / generator
-        override the module's ``sample`` defaults."""
-        batch, out = self.cond_stage_model.generation_batch(n, captions=captions, labels=labels)
+        override the module's ``sample`` defaults. Image-conditioned models (inpainting, editing) also take their
+        conditioner's image requests (``images``, ``masks``) and return ``sources`` (and ``targets`` where known)."""
+        batch, out = self.cond_stage_model.generation_batch(
+            n, captions=captions, labels=labels, **image_request(kwargs)
+        )
         cond = self.cond_stage_model.encode(batch, n)
         z = self.sample_latents(cond, **{**self.sample_kwargs, **kwargs})
         out["images"] = self.decode(z).clamp(-1, 1)

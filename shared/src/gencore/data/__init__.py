@@ -11,10 +11,12 @@ from gencore.data.datamodules import (
 )
 from gencore.data.fashion_mnist import CLASS_NAMES, FashionMNIST, caption_for, find_fashion_mnist, load_fashion_mnist
 from gencore.data.images import SKIMAGE_PHOTOS, ImageFolder, SkimagePhotos, load_image, resize_center_crop
+from gencore.data.pairs import EDITS, InstructionEdits, MaskedImages, apply_edit
 from gencore.data.video import OPENCV_SAMPLE_VIDEOS, VideoClips, opencv_sample_videos, read_frames, video_info
 
 __all__ = [
     "CLASS_NAMES",
+    "EDITS",
     "OPENCV_SAMPLE_VIDEOS",
     "SKIMAGE_PHOTOS",
     "DataModule",
@@ -23,10 +25,13 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolder",
     "ImageFolderDataModule",
+    "InstructionEdits",
+    "MaskedImages",
     "SkimagePhotos",
     "SkimagePhotosDataModule",
     "VideoClips",
     "VideoDataModule",
+    "apply_edit",
     "caption_for",
     "find_fashion_mnist",
     "load_fashion_mnist",

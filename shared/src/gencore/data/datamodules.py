@@ -131,7 +131,9 @@ class DataModule(L.LightningDataModule):
 
 
 class FashionMNISTDataModule(DataModule):
-    """Fashion-MNIST: train split for training, the 10,000-image test split for validation/test."""
+    """Fashion-MNIST: train split for training, the 10,000-image test split for validation/test. ``wrap`` turns each
+    split into another dataset over it (e.g. ``{_target_: gencore.data.InstructionEdits, _partial_: true}`` for edit
+    pairs, :mod:`gencore.data.pairs`)."""
 
     def __init__(
         self,
@@ -143,15 +145,19 @@ class FashionMNISTDataModule(DataModule):
         limit_val: int | None = 1000,
         random_flip: bool = False,
         caption_template: str = "a photo of a {name}",
+        wrap: Callable[[Dataset], Dataset] | None = None,
         **loader_kwargs: Any,
     ) -> None:
         find_fashion_mnist(root)  # a wrong root is one clear error now, not a traceback from inside fit
         common = dict(
             root=root, image_size=image_size, channels=channels, classes=classes, caption_template=caption_template
         )
+        if wrap is not None and not callable(wrap):
+            raise ValueError(f"wrap must be a callable (a _partial_ dataset node), got {type(wrap).__name__}")
+        wrapped = wrap or (lambda ds: ds)
         super().__init__(
-            train=lambda: FashionMNIST(split="train", limit=limit_train, random_flip=random_flip, **common),
-            val=lambda: FashionMNIST(split="test", limit=limit_val, **common),
+            train=lambda: wrapped(FashionMNIST(split="train", limit=limit_train, random_flip=random_flip, **common)),
+            val=lambda: wrapped(FashionMNIST(split="test", limit=limit_val, **common)),
             **loader_kwargs,
         )
         self.image_size, self.channels = image_size, channels  # what gencore.validate.check_fits compares
