@@ -441,3 +441,37 @@ def test_every_target_of_our_configs_is_allowed_or_outside_module_nodes(monkeypa
         except io.UnsafeConfigError:
             outside.add(t)
     assert all(t.startswith(("lightning.pytorch.loggers.", "lightning.pytorch.strategies.")) for t in outside), outside
+
+
+def test_package_paths_resolve_to_files_inside_installed_packages(tmp_path):
+    from gencore.io import resolve_path
+
+    weights = resolve_path("pkg://gencore/metrics/weights/fmnist_net.safetensors")
+    assert weights.is_file() and weights.name == "fmnist_net.safetensors"
+    assert resolve_path(tmp_path) == tmp_path and resolve_path("runs/x") == Path("runs/x")
+    with pytest.raises(FileNotFoundError, match="package 'no_such_pkg' is not installed"):
+        resolve_path("pkg://no_such_pkg/checkpoints/x")
+    with pytest.raises(FileNotFoundError, match="is the checkpoint shipped with gencore"):
+        resolve_path("pkg://gencore/checkpoints/none")
+
+
+def test_ship_halves_the_weights_rewrites_paths_and_still_loads(tmp_path):
+    from gencore.io import export, load, ship
+    from gencore.testing import TinyAutoencoderModule
+
+    torch.manual_seed(0)
+    module = TinyAutoencoderModule(width=256)
+    cfg = {"module": {"_target_": "gencore.testing.TinyAutoencoderModule", "width": 256}, "first_stage": "runs/ae"}
+    src = export(module, cfg, tmp_path / "run" / "export")
+    out = ship(tmp_path / "run", tmp_path / "shipped", paths={"runs/ae": "pkg://ldm/checkpoints/ae"}, made_by="made")
+    assert (out / "MADE_BY.md").read_text() == "made\n"
+    assert "pkg://ldm/checkpoints/ae" in (out / "config.yaml").read_text()
+    size = lambda folder: (folder / "model.safetensors").stat().st_size
+    assert size(out) < 0.6 * size(src)
+    state = io.load_checkpoint(out / "model.safetensors")
+    assert state["decoder.0.weight"].dtype == torch.float16 and state["decoder.2.bias"].dtype == torch.float32
+    shipped = load(out)
+    assert shipped.decoder[0].weight.dtype == torch.float32  # cast back on load
+    torch.testing.assert_close(shipped.decoder[0].weight, module.decoder[0].weight, atol=1e-3, rtol=1e-3)
+    with pytest.raises(FileNotFoundError, match="expected an export folder"):
+        ship(tmp_path / "nothing", tmp_path / "x")

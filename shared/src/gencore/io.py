@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gencore.paths import resolve_path
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -62,11 +64,14 @@ __all__ = [
     "plain_config",
     "read_state_dict",
     "rename_legacy_keys",
+    "resolve_path",
     "save_safetensors",
+    "ship",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+MADE_BY_NAME = "MADE_BY.md"
 
 
 class CheckpointError(ValueError):
@@ -740,6 +745,56 @@ def export(
     return out
 
 
+def ship(
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    paths: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = torch.float16,
+    keep_float32_below: int = 4096,
+    made_by: str = "",
+) -> Path:
+    """Copy the export ``src`` to ``dest`` as a checkpoint to commit: floating tensors with at least
+    ``keep_float32_below`` elements stored as ``dtype`` (half the size; loading casts them back to the module's
+    dtype), config strings in ``paths`` replaced (``{"runs/x/export": "pkg://ldm/checkpoints/x"}``: the run folders
+    it was made from -> where they are shipped), ``MADE_BY.md`` with ``made_by`` (the commands and commit). Loads the
+    result once (:func:`load`) before returning ``dest``, so a broken checkpoint is never left behind silently."""
+    from omegaconf import OmegaConf
+
+    folder = resolve_path(src)
+    if (folder / "export" / WEIGHTS_NAME).is_file():
+        folder = folder / "export"
+    for f in (folder / WEIGHTS_NAME, folder / CONFIG_NAME):
+        if not f.is_file():
+            raise FileNotFoundError(f"ship: {f} not found (expected an export folder)")
+    state = load_checkpoint(folder / WEIGHTS_NAME)
+    if dtype is not None:
+        state = {
+            k: v.to(dtype) if v.is_floating_point() and v.numel() >= keep_float32_below else v for k, v in state.items()
+        }
+    swap = dict(paths or {})
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: rewrite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return swap.get(node, node) if isinstance(node, str) else node
+
+    config = rewrite(OmegaConf.to_container(OmegaConf.load(folder / CONFIG_NAME), resolve=False))
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "genlab", "shipped_from": str(folder)}
+    save_safetensors(state, out / WEIGHTS_NAME, metadata=meta)
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    if made_by:
+        with atomic_path(out / MADE_BY_NAME) as tmp:
+            tmp.write_text(made_by.rstrip() + "\n")
+    load(out)
+    return out
+
+
 def load(
     path: str | os.PathLike, *, map_location: Any = "cpu", strict: bool = True, allow: Iterable[str] = ()
 ) -> nn.Module:
@@ -754,7 +809,7 @@ def load(
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    folder = Path(path)
+    folder = resolve_path(path)
     weights, config = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     for f in (weights, config):
         if not f.is_file():

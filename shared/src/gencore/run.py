@@ -538,7 +538,7 @@ def load_module(
 ) -> nn.Module:
     """A trained module from an export folder, a run folder (its ``export/``), or a Lightning ``.ckpt`` (built from
     ``module_cfg``, or the run's ``config.yaml`` beside ``checkpoints/``; EMA weights substituted when present)."""
-    p = Path(path)
+    p = io.resolve_path(path)
     if p.is_dir():
         for folder in (p, p / "export"):
             if (folder / io.WEIGHTS_NAME).is_file():

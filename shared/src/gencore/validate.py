@@ -242,7 +242,7 @@ def sample_config_errors(cfg: Mapping[str, Any]) -> list[str]:
     """What is wrong with a sample / eval config's counts (``num_samples``, ``batch_size``, ``grid_size``: integers
     >= 1), its ``checkpoint`` (must exist) and ``device`` (``cuda`` needs one); torch is imported only to look for a
     CUDA device, so console scripts answer these before loading anything."""
-    from pathlib import Path, PurePath
+    from pathlib import PurePath
 
     errors = []
     for key in ("num_samples", "batch_size", "grid_size"):
@@ -250,8 +250,16 @@ def sample_config_errors(cfg: Mapping[str, Any]) -> list[str]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             errors.append(f"{key}: expected an integer >= 1, got {value!r}")
     checkpoint = cfg.get("checkpoint")  # (a training config's ``checkpoint`` is the checkpointing node)
-    if isinstance(checkpoint, (str, PurePath)) and not Path(str(checkpoint)).exists():
-        errors.append(f"checkpoint: {checkpoint} does not exist (a run folder, its export/ or a .ckpt)")
+    if isinstance(checkpoint, (str, PurePath)):
+        from gencore.paths import resolve_path
+
+        try:
+            found = resolve_path(str(checkpoint)).exists()
+        except FileNotFoundError as err:
+            errors.append(f"checkpoint: {err}")
+        else:
+            if not found:
+                errors.append(f"checkpoint: {checkpoint} does not exist (a run folder, its export/ or a .ckpt)")
     device = str(cfg.get("device", "auto"))
     if device.startswith("cuda"):
         import torch

@@ -18,13 +18,12 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gencore.io import extract_state_dict, load_checkpoint
+from gencore.io import extract_state_dict, load_checkpoint, resolve_path
 from gencore.latents import FrozenCodec, estimate_scale
 from ldm.convert import load_autoencoder, scale_factor_from
 from ldm.models.autoencoder import AutoencoderKL
@@ -117,7 +116,7 @@ def load_kl_first_stage(
 
     if path is None:
         raise ValueError("no first stage given: pass the autoencoder (first_stage=<run folder | export | .ckpt>)")
-    p = Path(path)
+    p = resolve_path(path)
     if not p.exists():
         raise FileNotFoundError(f"KL first stage not found: {p}")
     if p.is_dir():
