@@ -159,6 +159,12 @@ def test_applications_distil_from_the_cli(exp, tmp_path):
     res = run.train(compose(CONFIGS, "train", overrides))
     assert res.trainer.global_step == 6
     assert LatentCacheDataset(run_dir / "synthetic").extra["c_concat"].shape[0] == 8
+    if kind == "InpaintingConditioner":  # ladd-synth makes the same data from the command line
+        source = "{_target_: gencore.data.MaskedImages, dataset: {_target_: gencore.data.FashionMNIST, image_size: 8}}"
+        args = [f"teacher={teacher}", f"source={source}", "num_samples=5", "sample.num_steps=2", "shard_size=4"]
+        proc = cli("ladd-synth", *args, f"out_dir={tmp_path / 'synth'}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert LatentCacheDataset(tmp_path / "synth").extra["c_concat"].shape == (5, 2, 8, 8)
     out = tmp_path / "samples"
     proc = cli("ladd-sample", f"checkpoint={run_dir}", "num_samples=3", "labels=[1,2]", f"out_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,15 +22,21 @@ def _cfg(cfg: Any) -> DictConfig:
 
 
 def synth(cfg: Any) -> Path:
-    """The teacher's guided samples for the prompts as a synthetic latent cache in ``out_dir``."""
+    """The teacher's guided samples for the prompts (or, for an inpainting / editing teacher, for the items of the
+    ``source`` dataset node) as a synthetic latent cache in ``out_dir``."""
+    from hydra.utils import instantiate
+
+    from gencore.io import check_targets, resolve_path
     from ladd_turbo.data import prompt_list
     from ladd_turbo.lit import load_teacher
     from ladd_turbo.synth import synthesize
 
     cfg = _cfg(cfg)
-    if cfg.get("teacher") is None or not Path(str(cfg.teacher)).exists():
+    if cfg.get("teacher") is None or not resolve_path(str(cfg.teacher)).exists():
         raise FileNotFoundError(f"teacher: {cfg.get('teacher')} does not exist (an sd3-train run or export)")
-    prompts = prompt_list(cfg.get("prompts_file"), cfg.get("prompts"))
+    source = cfg.get("source")
+    dataset = instantiate(check_targets(source, key="source")) if source is not None else None
+    prompts = None if dataset is not None else prompt_list(cfg.get("prompts_file"), cfg.get("prompts"))
     state = run.process_state(cfg.get("device", "auto"))
     teacher = load_teacher(str(cfg.teacher)).to(state.device)
     s = cfg.get("sample") or {}
@@ -38,6 +44,8 @@ def synth(cfg: Any) -> Path:
         teacher,
         prompts,
         Path(str(cfg.out_dir)),
+        dataset=dataset,
+        num_samples=cfg.get("num_samples"),
         num_per_prompt=int(cfg.num_per_prompt),
         guidance_scale=float(s.get("guidance_scale", 4.0)),
         num_steps=int(s.get("num_steps", 28)),
