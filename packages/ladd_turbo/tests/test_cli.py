@@ -106,6 +106,14 @@ def test_synth_then_train_then_sample(teacher, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert np.load(out / "samples.npz")["images"].shape == (3, 1, 8, 8)
+    from ladd_turbo import tasks
+
+    cfg = compose(CONFIGS, "eval", [f"checkpoint={run_dir}", f"out_dir={tmp_path / 'eval'}", "num_samples=20"])
+    cfg.batch_size, cfg.num_steps, cfg.teacher_rows = 10, [1, 4], [{"num_steps": 2, "guidance_scale": 2.0}]
+    metrics = tasks.evaluate(cfg)
+    assert set(metrics) == {"student_1", "student_4", "teacher_2_cfg2"}
+    assert metrics["student_4"]["n"] == 20 and 0.0 <= metrics["student_4"]["class_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
     bad = cli("ladd-sample", f"checkpoint={run_dir}", "num_samples=2", "sample.num_steps=5", cwd=tmp_path)
     assert (
         bad.returncode == 1 and "num_steps must be an integer in 1..4" in bad.stderr and "Traceback" not in bad.stderr
