@@ -453,6 +453,16 @@ def test_package_paths_resolve_to_files_inside_installed_packages(tmp_path):
         resolve_path("pkg://no_such_pkg/checkpoints/x")
     with pytest.raises(FileNotFoundError, match="is the checkpoint shipped with gencore"):
         resolve_path("pkg://gencore/checkpoints/none")
+    from omegaconf import OmegaConf
+
+    import gencore.cli  # noqa: F401  (registers the eval_dir resolver of the eval configs)
+
+    out = OmegaConf.create(
+        {"checkpoint": "pkg://ladd_turbo/checkpoints/fmnist_turbo", "o": "${eval_dir:${checkpoint}}"}
+    )
+    assert out.o == "runs/eval/ladd_turbo-fmnist_turbo"  # not a folder named "pkg:", not inside the package
+    out.checkpoint = "runs/x/"
+    assert out.o == "runs/x/eval"
 
 
 def test_ship_halves_the_weights_rewrites_paths_and_still_loads(tmp_path):

@@ -239,3 +239,7 @@ def test_prompt_files_and_bad_synthesis_input(tmp_path, teacher):
         read_prompts(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="prompt list is empty"):
         synthesize(teacher, [], tmp_path / "s")
+    with pytest.raises(ValueError, match="num_samples counts the items of a source= dataset"):
+        synthesize(teacher, PROMPTS, tmp_path / "s", num_samples=3)
+    with pytest.raises(ValueError, match=r"source= \(a dataset of images\) is for inpainting / editing teachers"):
+        synthesize(teacher, None, tmp_path / "s", dataset=torch.utils.data.TensorDataset(torch.zeros(2)))

@@ -23,7 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gencore.paths import eval_dir
+
+OmegaConf.register_new_resolver("eval_dir", eval_dir, replace=True)  # the eval configs' default out_dir
 
 __all__ = ["CORE_CONFIGS", "TRACEBACK_ENV", "check_overrides", "compose", "help_text", "hydra_app", "user_errors"]
 

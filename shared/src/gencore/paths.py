@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["PACKAGE_SCHEME", "resolve_path"]
+__all__ = ["PACKAGE_SCHEME", "eval_dir", "resolve_path"]
 
 #: ``pkg://<package>/<path>``: a file or folder shipped inside an installed package (its checkpoints)
 PACKAGE_SCHEME = "pkg://"
@@ -30,3 +30,14 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if not found.exists():
         raise FileNotFoundError(f"{text}: {found} does not exist (is the checkpoint shipped with {package}?)")
     return found
+
+
+def eval_dir(checkpoint: str) -> str:
+    """Where ``<name>-eval`` writes by default (the eval configs' ``out_dir: ${eval_dir:${checkpoint}}``):
+    ``<checkpoint>/eval`` beside a run, ``runs/eval/<package>-<name>`` for a checkpoint shipped inside a package
+    (``pkg://...``: never into the installed package, nor a folder named ``pkg:``)."""
+    text = str(checkpoint)
+    if text.startswith(PACKAGE_SCHEME):
+        parts = [p for p in text[len(PACKAGE_SCHEME) :].split("/") if p]
+        return f"runs/eval/{parts[0]}-{parts[-1]}" if parts else "runs/eval"
+    return f"{text.rstrip('/')}/eval"

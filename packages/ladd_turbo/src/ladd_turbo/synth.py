@@ -80,7 +80,10 @@ def synthesize(
     concat = _takes_images(teacher)
     if dataset is not None:
         if not concat:
-            raise ValueError("synthesize: a dataset is for image-conditioned teachers; this one takes prompts only")
+            raise ValueError(
+                "source= (a dataset of images) is for inpainting / editing teachers; this teacher is text-to-image: "
+                "give prompts= / prompts_file= (or neither, for the ten Fashion-MNIST class captions)"
+            )
         count = len(dataset) if num_samples is None else int(num_samples)  # type: ignore[arg-type]
         if not 1 <= count <= len(dataset):  # type: ignore[arg-type]
             raise ValueError(f"synthesize: num_samples must be in 1..{len(dataset)}, got {num_samples}")  # type: ignore[arg-type]
@@ -89,6 +92,10 @@ def synthesize(
         raise ValueError(
             f"synthesize: the teacher's {type(teacher.cond_stage_model).__name__} needs images: pass a dataset of "
             "items (datamodule.source=...) instead of prompts"
+        )
+    elif num_samples is not None:
+        raise ValueError(
+            "num_samples counts the items of a source= dataset; a text-to-image teacher takes num_per_prompt"
         )
     else:
         prompts = [str(p) for p in (prompts or [])]
