@@ -208,9 +208,17 @@ def random_masks(
     return masks.to(device if device is not None else where, non_blocking=True)
 
 
-def inpainting_condition(image: Tensor, mask: Tensor, encode: Any) -> Tensor:
+def inpainting_condition(
+    image: Tensor, mask: Tensor | None, encode: Any, *, min_frac: float = 0.25, max_frac: float = 0.6
+) -> Tensor:
     """LDM inpainting concat input: [encode(masked image), mask resized to the latent grid] (``inpainting_big``:
-    3 + 1 channels next to the 3 latent channels). ``mask`` = 1 marks the hole."""
+    3 + 1 channels next to the 3 latent channels). ``mask`` = 1 marks the hole; its first ``len(image)`` rows are
+    used (moved to the image's device and dtype); ``None`` (training) draws box masks on the image's device
+    (:func:`random_masks` with ``min_frac`` / ``max_frac``)."""
+    if mask is None:
+        mask = random_masks(image.shape[0], image.shape[-1], min_frac=min_frac, max_frac=max_frac, device=image.device)
+    else:
+        mask = mask[: image.shape[0]].to(image.device, image.dtype, non_blocking=True)
     if mask.shape[-2:] != image.shape[-2:] or mask.shape[1] != 1:
         raise ValueError(f"inpainting mask must be (B, 1, H, W) like the image, got {tuple(mask.shape)}")
     z = encode(image * (1 - mask))  # the hole is set to 0 (gray) before encoding

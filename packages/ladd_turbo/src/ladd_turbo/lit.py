@@ -41,6 +41,7 @@ from ladd_turbo.losses import (
     sample_student_sigmas,
     student_sigmas,
 )
+from sd3_flow.lit import with_concat
 
 __all__ = ["LADDModule", "load_teacher"]
 
@@ -78,10 +79,6 @@ def _check_student(student: nn.Module, teacher_net: nn.Module) -> None:
             "the student config does not match the teacher's architecture, so it cannot start from the teacher: "
             + "; ".join(detail)
         )
-
-
-def _with_concat(x: Tensor, c_concat: Tensor | None) -> Tensor:
-    return x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
 
 
 class LADDModule(GANModule):
@@ -182,7 +179,7 @@ class LADDModule(GANModule):
     ) -> Tensor:
         """The student's velocity; ``timestep`` in [0, 1000] as the teacher's; ``c_concat`` the image condition of an
         inpainting / editing teacher, concatenated to the input channels as the teacher does."""
-        return self.student(_with_concat(x, c_concat), context, pooled, timestep)
+        return self.student(with_concat(x, c_concat), context, pooled, timestep)
 
     def condition(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The stored conditions of a synthetic batch (text features, and the image condition ``c_concat`` of an
@@ -207,7 +204,7 @@ class LADDModule(GANModule):
     def discriminate(self, z: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """(B, n_heads) logits of re-noised latents ``z`` at ``t`` in [0, 1] (with the image condition, if any, on
         the teacher's extra input channels)."""
-        z = _with_concat(z, cond.get("c_concat"))
+        z = with_concat(z, cond.get("c_concat"))
         return self.discriminator(self.teacher.transformer, z, t, cond["context"], cond["pooled"])
 
     # ------------------------------------------------------------------------------------------ the two steps

@@ -425,12 +425,7 @@ class InpaintingConditioner(LatentConditioner):
         if self._encode is None:
             raise ValueError("InpaintingConditioner is not bound to a model (it needs the first stage's encode)")
         x = take(batch, self.image_key, n, "inpainting conditioning")
-        mask = batch.get(self.mask_key)
-        if mask is None:
-            mask = random_masks(x.shape[0], x.shape[-1], device=x.device)
-        else:
-            mask = mask[: x.shape[0]].to(x.device, x.dtype, non_blocking=True)
-        return {"c_concat": inpainting_condition(x, mask, self._encode)}
+        return {"c_concat": inpainting_condition(x, batch.get(self.mask_key), self._encode)}
 
     def inpainting(self, images: Tensor, masks: Tensor, **request: Any) -> tuple[dict[str, Tensor], bool]:
         super().generation_batch(images.shape[0], **request)  # takes no request

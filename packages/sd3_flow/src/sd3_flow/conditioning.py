@@ -331,11 +331,13 @@ class ConcatConditioner(Conditioner):
             wanted = [int(c) for c in (labels.tolist() if isinstance(labels, Tensor) else labels)]
             if not wanted:
                 raise ValueError("labels is empty")
+            pools = {c: (ds.labels == c).nonzero().flatten() for c in set(wanted)}
+            empty = sorted(c for c, pool in pools.items() if len(pool) == 0)
+            if empty:
+                raise ValueError(f"no Fashion-MNIST test image of class {empty[0]}")
             picks = []
             for i in range(n):
-                pool = (ds.labels == wanted[i % len(wanted)]).nonzero().flatten()
-                if len(pool) == 0:
-                    raise ValueError(f"no Fashion-MNIST test image of class {wanted[i % len(wanted)]}")
+                pool = pools[wanted[i % len(wanted)]]
                 picks.append(int(pool[torch.randint(len(pool), (1,))]))
         images = ds.to_model_range(ds.images[picks])
         return images, [int(ds.labels[i]) for i in picks]
@@ -389,9 +391,8 @@ class InpaintingConditioner(ConcatConditioner):
         from gencore.conditioning import inpainting_condition
 
         x = take(batch, self.image_key, n, "inpainting conditioning")
-        mask = batch.get(self.mask_key)
-        mask = self.masks(len(x), x.shape[-1], x.device) if mask is None else mask[: len(x)].to(x.device, x.dtype)
-        return inpainting_condition(x, mask, self._encoded)
+        fracs = {"min_frac": self.min_frac, "max_frac": self.max_frac}
+        return inpainting_condition(x, batch.get(self.mask_key), self._encoded, **fracs)
 
     def generation_batch(
         self,

@@ -28,7 +28,14 @@ from gencore.modules import freeze
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_REQUESTS", "SAMPLE_DEFAULTS", "RectifiedFlowModule", "image_request", "legacy_arguments"]
+__all__ = [
+    "IMAGE_REQUESTS",
+    "SAMPLE_DEFAULTS",
+    "RectifiedFlowModule",
+    "image_request",
+    "legacy_arguments",
+    "with_concat",
+]
 
 SAMPLERS = ("euler", "heun", "ddim")
 #: what ``generate`` uses unless the module's ``sample`` defaults (the YAML configs set them) or the call say otherwise;
@@ -68,6 +75,12 @@ def legacy_arguments(cond_stage_model: Any, text: Any, sample: Mapping[str, Any]
 
 #: generation requests of image-conditioned models, passed to the conditioner rather than the sampler
 IMAGE_REQUESTS = ("images", "masks")
+
+
+def with_concat(x: Tensor, c_concat: Tensor | None) -> Tensor:
+    """The network input of an image-conditioned model: the image condition ``c_concat`` (if any) concatenated to the
+    latent on the channels."""
+    return x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
 
 
 def image_request(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +186,7 @@ class RectifiedFlowModule(L.LightningModule):
         """The network output (velocity for rf, eps for eps/linear); ``timestep`` in [0, 1000]. ``c_concat``: an image
         condition concatenated to the input channels (inpainting / editing models, :class:`~sd3_flow.conditioning.
         ConcatConditioner`)."""
-        if c_concat is not None:
-            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)
-        return self.transformer(x, context, pooled, timestep)
+        return self.transformer(with_concat(x, c_concat), context, pooled, timestep)
 
     # -------------------------------------------------------------------------------------------- latents
 
