@@ -206,3 +206,34 @@ def test_clip_score_runs_a_local_model(tmp_path):
     torch.testing.assert_close(metric.scores(images, texts), 100 * cos.clamp_min(0), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="2 images but 1 texts"):
         metric(images, texts[:1])
+
+
+@needs_fmnist
+def test_classify_fmnist_names_what_images_look_like(train_images):
+    from gencore.metrics import classify_fmnist
+
+    images, labels = train_images
+    preds = classify_fmnist(images[:300], batch_size=128)  # batches that do not divide the count
+    assert preds.shape == (300,) and preds.dtype == torch.long
+    assert (preds == labels[:300]).double().mean() > 0.9
+
+
+@needs_fmnist
+def test_reference_features_are_cached_on_disk_and_rebuilt_when_bad(tmp_path, monkeypatch):
+    """FID's 10,000 reference features are computed once per machine ($GENLAB_CACHE); a corrupt or stale cache file
+    is recomputed, and the numbers are the same either way."""
+    from gencore.metrics import generative
+
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    assert generative.cache_dir() == tmp_path / "cache"
+    generative._reference_features.cache_clear()
+    fresh = generative._reference_features("test", None)
+    files = list((tmp_path / "cache").glob("fmnist_reference_test_*.safetensors"))
+    assert len(files) == 1 and fresh.shape == (10_000, 128) and fresh.dtype == torch.float64
+    generative._reference_features.cache_clear()
+    assert torch.equal(generative._reference_features("test", None), fresh)  # read back from the file
+    files[0].write_bytes(b"not a safetensors file")
+    generative._reference_features.cache_clear()
+    assert torch.equal(generative._reference_features("test", None), fresh)  # recomputed, rewritten
+    assert files[0].stat().st_size > 1_000_000
+    generative._reference_features.cache_clear()

@@ -517,14 +517,15 @@ def train(cfg: Any) -> TrainResult:
 def _sibling_script(verb: str, module: Any = None) -> str:
     """``ldm-train`` -> ``ldm-sample``: the console script of the same package for ``verb``; from Python (a demo, a
     notebook) the package's script whose entry point lives in the module's top-level package."""
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if name.endswith("-train"):
-        return f"{name.rsplit('-', 1)[0]}-{verb}"
-    if module is not None:
-        from importlib.metadata import entry_points
+    from importlib.metadata import entry_points
 
+    scripts = entry_points(group="console_scripts")
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if name.endswith("-train") and f"{name.rsplit('-', 1)[0]}-{verb}" in scripts.names:
+        return f"{name.rsplit('-', 1)[0]}-{verb}"
+    if module is not None:  # e.g. ladd-demo-train: no ladd-demo-sample, but ladd-sample
         package = type(module).__module__.split(".", 1)[0]
-        for ep in entry_points(group="console_scripts"):
+        for ep in scripts:
             if ep.name.endswith(f"-{verb}") and _entry_point_package(ep.value) == package:
                 return ep.name
     return f"<name>-{verb}"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["make_grid", "save_grid", "to_uint8"]
+__all__ = ["make_grid", "save_grid", "save_panels", "to_uint8"]
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -46,4 +48,59 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) 
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+    return path
+
+
+def _grid_image(images: Tensor, nrow: int, scale: int) -> Any:
+    from PIL import Image
+
+    arr = to_uint8(make_grid(images, nrow=nrow)).permute(1, 2, 0).numpy()
+    img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).convert("RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_panels(
+    panels: Sequence[tuple[str, Tensor]],
+    path: str | os.PathLike,
+    *,
+    nrow: int,
+    column_labels: Sequence[str] | None = None,
+    scale: int = 2,
+    title: str | None = None,
+) -> Path:
+    """Image grids side by side, each under its caption (``panels``: ``[(caption, (B, C, H, W) in [-1, 1]), ...]``,
+    ``nrow`` images per row), with optional labels over the columns and a title line; written as one PNG
+    (atomically). For comparisons at a glance: the same prompts and seeds in the same cells of every panel."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from gencore.io import atomic_path
+
+    if not panels:
+        raise ValueError("save_panels: no panels")
+    grids = [_grid_image(images, nrow, scale) for _, images in panels]
+    font = ImageFont.load_default(size=13)
+    line, gap, pad = 18, 16, 8
+    cell = (grids[0].width - 2 * scale) / nrow  # make_grid: 2 px padding per cell, scaled
+    top = pad + (line if title else 0) + line + (line if column_labels else 0)
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1) + 2 * pad
+    height = top + max(g.height for g in grids) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    x = pad
+    for (caption, _), grid in zip(panels, grids, strict=True):
+        y = pad + (line if title else 0)
+        draw.text((x, y), caption, fill="black", font=font)
+        if column_labels:
+            for j, label in enumerate(column_labels[:nrow]):
+                text = str(label)
+                while len(text) > 2 and draw.textlength(text, font=font) > cell - 2:
+                    text = text[:-1]
+                draw.text((x + 2 * scale + j * cell, y + line), text, fill="dimgray", font=font)
+        canvas.paste(grid, (x, top))
+        x += grid.width + gap
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

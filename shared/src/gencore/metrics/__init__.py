@@ -4,6 +4,7 @@ torchmetrics FID / LPIPS, and CLIP score, with pretrained weights from local pat
 from gencore.metrics.fmnist_net import FMNISTClassifierModule, FMNISTFeatureNet, load_feature_net
 from gencore.metrics.generative import (
     class_accuracy,
+    classify_fmnist,
     fid_fmnist,
     fmnist_features,
     fmnist_report,
@@ -21,6 +22,7 @@ __all__ = [
     "FMNISTFeatureNet",
     "MissingWeightsError",
     "class_accuracy",
+    "classify_fmnist",
     "clip_score",
     "fid_fmnist",
     "fmnist_features",

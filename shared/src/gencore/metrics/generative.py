@@ -12,8 +12,12 @@ All take images in [-1, 1], (N, 1|3, H, W); the reference is the Fashion-MNIST t
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +25,11 @@ from torch import Tensor
 
 from gencore.metrics.fmnist_net import load_feature_net
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "class_accuracy",
+    "classify_fmnist",
     "fid_fmnist",
     "fmnist_features",
     "fmnist_report",
@@ -65,9 +72,47 @@ def _reference_images(split: str, root: str | None) -> Tensor:
     return FashionMNIST(root=root, split=split).tensors()[0]
 
 
+def cache_dir() -> Path:
+    """genlab's cache folder for derived data (``$GENLAB_CACHE``, else ``$XDG_CACHE_HOME/genlab``, else
+    ``~/.cache/genlab``); nothing in it is needed, everything in it is rebuilt when missing or stale."""
+    env = os.environ.get("GENLAB_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genlab"
+
+
+def _reference_key(split: str, root: str | None) -> str:
+    """What the reference features depend on: the feature network's weights and the split's image file."""
+    from gencore.data.fashion_mnist import _FILES, _idx_path, find_fashion_mnist
+    from gencore.metrics.fmnist_net import WEIGHTS_PATH
+
+    data = _idx_path(find_fashion_mnist(root), _FILES[split][0])
+    h = hashlib.sha256(WEIGHTS_PATH.read_bytes())
+    h.update(f"{split}:{data.resolve()}:{data.stat().st_size}:{data.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=4)
 def _reference_features(split: str, root: str | None) -> Tensor:
-    return fmnist_features(_reference_images(split, root))
+    """The real images' features, computed once per machine (10,000 test images: ~10 s on a CPU core) and kept in
+    :func:`cache_dir`; a missing, stale or unreadable cache file is recomputed."""
+    from safetensors.torch import load_file, save_file
+
+    from gencore.io import atomic_path
+
+    path = cache_dir() / f"fmnist_reference_{split}_{_reference_key(split, root)}.safetensors"
+    try:
+        return load_file(path)["features"]
+    except Exception:  # a cache: anything wrong with it (missing, stale, truncated) means recompute
+        pass
+    features = fmnist_features(_reference_images(split, root))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"features": features.contiguous()}, str(tmp))
+    except OSError as e:  # a read-only home: compute each time
+        log.warning("could not cache the FID reference features in %s: %s", path.parent, e)
+    return features
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
@@ -186,9 +231,16 @@ def class_accuracy(images: Tensor, labels: Tensor | Sequence[int]) -> float:
     labels = torch.as_tensor(labels).long().cpu()
     if labels.shape != (len(images),):
         raise ValueError(f"class_accuracy: labels must be ({len(images)},), got {tuple(labels.shape)}")
+    return float((classify_fmnist(images) == labels).double().mean())
+
+
+def classify_fmnist(images: Tensor, batch_size: int = 1000) -> Tensor:
+    """(N,) Fashion-MNIST class ids the network assigns to ``images`` (what a sample looks like, whatever its
+    prompt)."""
+    _check_images(images)
     net = load_feature_net()
-    preds = torch.cat([net.logits(images[i : i + 1000]).argmax(1).cpu() for i in range(0, len(images), 1000)])
-    return float((preds == labels).double().mean())
+    starts = range(0, len(images), batch_size)
+    return torch.cat([net.logits(images[i : i + batch_size]).argmax(1).cpu() for i in starts])
 
 
 def fmnist_report(
