@@ -1,0 +1,29 @@
+"""taming's gallery entry (``make gallery``): the shipped class-conditional transformer over the shipped VQGAN's
+codes, one column per class."""
+
+from gencore.gallery import Entry
+
+CHECKPOINT = "pkg://taming/checkpoints/transformer_fmnist_class"
+HEADLINE = "FID-FMNIST ?, class accuracy ? (1,000 samples, top-k 100)"
+
+
+def entries() -> list[Entry]:
+    return [
+        Entry(
+            package="taming",
+            title="VQGAN + class-conditional transformer over its codes",
+            command=[
+                "taming-sample",
+                f"checkpoint={CHECKPOINT}",
+                "num_samples=40",
+                "nrow=10",
+                "batch_size=40",
+                "sample.labels=[0,1,2,3,4,5,6,7,8,9]",
+                "out_dir={out}",
+            ],
+            media=["grid.png"],
+            headline=HEADLINE,
+            note="Columns: the ten classes. A VQGAN (f4: 8 x 8 codes of 512) and a 4-layer GPT over its codes, both "
+            "trained briefly here (pkg://taming/checkpoints/vqgan_fmnist is the first stage).",
+        )
+    ]
