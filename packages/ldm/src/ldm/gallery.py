@@ -1,30 +1,21 @@
-"""ldm's gallery entry (``make gallery``): the shipped class-conditional latent diffusion model, one column per
-class."""
+"""ldm's gallery entry (``make gallery``): the shipped 16-channel KL autoencoder (the first stage of the flagship
+chain) on the Fashion-MNIST test images."""
 
 from gencore.gallery import Entry
 
-CHECKPOINT = "pkg://ldm/checkpoints/ldm_fmnist_class_c16"
-HEADLINE = "FID-FMNIST ?, class accuracy ? (1,000 samples, DDIM 50 steps, unguided)"
+CHECKPOINT = "pkg://ldm/checkpoints/autoencoder_fmnist_c16"
 
 
 def entries() -> list[Entry]:
     return [
         Entry(
             package="ldm",
-            title="Class-conditional latent diffusion: DDIM 50 steps",
-            command=[
-                "ldm-sample",
-                f"checkpoint={CHECKPOINT}",
-                "num_samples=40",
-                "nrow=10",
-                "batch_size=40",
-                "sample.labels=[0,1,2,3,4,5,6,7,8,9]",
-                "out_dir={out}",
-            ],
-            media=["grid.png"],
-            headline=HEADLINE,
-            note="Columns: the ten classes. A 1.1M-parameter UNet (fmnist_tiny, 32 wide) over the shipped 16-channel "
-            "KL autoencoder's 8 x 8 latents (pkg://ldm/checkpoints/autoencoder_fmnist_c16), eps-prediction.",
+            title="KL autoencoder (16 channels, f4): test images and their reconstructions",
+            command=["ldm-eval", f"checkpoint={CHECKPOINT}", "num_samples=1000", "out_dir={out}"],
+            media=["reconstructions.png"],
+            headline="reconstruction PSNR 23.5 dB, reconstruction FID-FMNIST 2.14 (1,000 test images); the class "
+            "LDM over the 4-channel autoencoder: FID-FMNIST 3.66 vs pixel diffusion 28.86 at the same wall clock",
+            note="The first stage of sd3_flow's teacher and ladd_turbo's student (32 x 32 -> 16 x 8 x 8 latents). "
+            "ldm ships no generative checkpoint yet: see packages/ldm/README.md for the class LDM's commands.",
         )
     ]
-

@@ -159,6 +159,15 @@ def evaluate(cfg: Any) -> dict[str, float]:
             "fid_fmnist": fid_fmnist(rec.cpu()),
             "seconds_per_image": (time.perf_counter() - t0) / len(rec),
         }
+        from gencore.viz import save_panels
+
+        k = min(40, len(rec))  # a picture of the first test images and their reconstructions, side by side
+        panels = [
+            ("test images", images[:k].cpu()),
+            (f"reconstructions (PSNR {metrics['psnr']:.1f} dB)", rec[:k].cpu()),
+        ]
+        Path(str(cfg.out_dir)).mkdir(parents=True, exist_ok=True)
+        save_panels(panels, Path(str(cfg.out_dir)) / "reconstructions.png", nrow=min(10, k), scale=2)
     elif isinstance(module, LatentDiffusion):
         num_samples, kwargs = run.sample_request(cfg, module)
         kwargs = {**module.cond_stage_model.evaluation_request(), **kwargs}  # e.g. every class in turn

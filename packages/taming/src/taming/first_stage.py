@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,8 @@ def _vq_from(module: nn.Module) -> nn.Module:
 def load_first_stage(
     path: str | os.PathLike | None, *, config: str | os.PathLike | None = None, prefix: str | None = None
 ) -> nn.Module:
-    """A frozen, eval-mode VQModel from an export / run folder, a genlab ``.ckpt`` or an official taming ``.ckpt``.
+    """A frozen, eval-mode VQModel from an export / run folder (also a shipped ``pkg://<package>/...`` one), a genlab
+    ``.ckpt`` or an official taming ``.ckpt``.
 
     ``config``: the official ``*-project.yaml`` for an official checkpoint; ``prefix``: the key prefix inside a
     bigger official checkpoint (``first_stage_model.`` / ``cond_stage_model.`` of a Net2NetTransformer).
@@ -43,9 +43,9 @@ def load_first_stage(
 
     if path is None:
         raise ValueError("no first stage given: pass the VQGAN (first_stage=<run folder | export folder | .ckpt>)")
-    p = Path(path)
+    p = io.resolve_path(path)
     if not p.exists():
-        raise FileNotFoundError(f"first stage not found: {p}")
+        raise FileNotFoundError(f"first stage not found: {path}")
     if p.is_dir():
         return freeze(_vq_from(load_module(p)))
     ckpt = io.load_checkpoint(p)

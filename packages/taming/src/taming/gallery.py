@@ -4,7 +4,10 @@ codes, one column per class."""
 from gencore.gallery import Entry
 
 CHECKPOINT = "pkg://taming/checkpoints/transformer_fmnist_class"
-HEADLINE = "FID-FMNIST ?, class accuracy ? (1,000 samples, top-k 100)"
+HEADLINE = (
+    "FID-FMNIST 9.88, class accuracy 0.60 (1,000 samples, top-k 100; 8 min of training); the README table's 31-minute "
+    "transformer: 7.20 / 0.70"
+)
 
 
 def entries() -> list[Entry]:
@@ -23,7 +26,8 @@ def entries() -> list[Entry]:
             ],
             media=["grid.png"],
             headline=HEADLINE,
-            note="Columns: the ten classes. A VQGAN (f4: 8 x 8 codes of 512) and a 4-layer GPT over its codes, both "
-            "trained briefly here (pkg://taming/checkpoints/vqgan_fmnist is the first stage).",
+            note="Columns: the ten classes. A VQGAN (f4: 8 x 8 codes from 512; reconstruction PSNR 15.5 dB) and a "
+            "4-layer GPT over its codes, both trained briefly here (pkg://taming/checkpoints/vqgan_fmnist is the "
+            "first stage).",
         )
     ]
