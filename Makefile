@@ -17,7 +17,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help:
 	@echo "make install   venv + pinned torch + genlab-core + every package (editable)"
 	@echo "make data      Debian data packages: dataset-fashion-mnist, opencv-doc"
-	@echo "make test      install + data, then the whole pytest suite (what CI runs)"
+	@echo "make test      install + data + browser, then the whole pytest suite (what CI runs)"
+	@echo "make browser   Debian chromium for the gallery's browser test (skipped with a reason without it)"
 	@echo "make lint      ruff"
 	@echo "make bench     benchmark scripts in bench/ (prints ratios; appends to bench/RESULTS.md)"
 	@echo "make demo      the flagship chain from the shipped checkpoints: teacher vs 4-step student (outputs/demo/, ~1 min)"

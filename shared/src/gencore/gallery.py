@@ -29,24 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gencore.io import GENLAB_NAMESPACES
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ENTRY_POINT_GROUP", "Entry", "build", "discover", "main", "render"]
 
 ENTRY_POINT_GROUP = "genlab.gallery"
-#: the page's order (the design card's); packages not listed follow in name order
-PACKAGE_ORDER = (
-    "taming",
-    "ldm",
-    "sd3_flow",
-    "ladd_turbo",
-    "gen1_video",
-    "twostream_inpaint",
-    "imagebart",
-    "geofree",
-    "net2net",
-    "shapebias",
-)
+#: the page's order (the design card's, as gencore.io's list of genlab packages); others follow in name order
+PACKAGE_ORDER = tuple(name for name in GENLAB_NAMESPACES if name != "gencore")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".webm")
 
