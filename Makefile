@@ -22,7 +22,7 @@ help:
 	@echo "make lint      ruff"
 	@echo "make bench     benchmark scripts in bench/ (prints ratios; appends to bench/RESULTS.md)"
 	@echo "make demo      the flagship chain from the shipped checkpoints: teacher vs 4-step student (outputs/demo/, ~1 min)"
-	@echo "               make demo PROMPT=\"a photo of a sneaker\"   adds your own prompt"
+	@echo "               make demo PROMPT=\"a photo of a sneaker\" [N=40]   adds your own prompt (N: fewer samples, faster)"
 	@echo "make demo-train  the same chain retrained from scratch (runs/demo-train/, outputs/demo-train/, < 30 min)"
 	@echo "make gallery   every package's shipped checkpoint at work, one HTML page (outputs/gallery/index.html)"
 	@echo "make demo-taming  taming end to end on Fashion-MNIST: VQGAN, transformer, grid (runs/demo/, ~6 min)"
@@ -65,12 +65,14 @@ format: install
 
 # The flagship chain from the checkpoints shipped in the packages (no training): the 28-step guided teacher vs its
 # 4-step LADD student on the same prompts and noise, FID-FMNIST / class accuracy / seconds per image of each.
+# PROMPT="..." (any characters: it reaches ladd-demo through the environment, not the command line) adds your own
+# prompt; N=40 samples fewer images per model (a quick look; FID at small N is not comparable).
 demo: install data
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladd-demo $(if $(PROMPT),'prompt="$(PROMPT)"')
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GENLAB_DEMO_PROMPT="$$PROMPT" $(VENV)/bin/ladd-demo $(if $(N),num_samples=$(N))
 
 # The same chain from scratch (autoencoder -> teacher -> synthetic data -> student), then the same summary.
 demo-train: install data
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladd-demo-train
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladd-train-demo
 
 gallery: install data
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/gencore-gallery --out outputs/gallery

@@ -58,7 +58,9 @@ def test_build_runs_each_command_and_reports_failures(tmp_path):
 
 
 def test_main_exits_1_on_unknown_package(capsys):
-    assert gallery.main(["--only", "no_such_package"]) == 1
+    from gencore.cli import gallery_main
+
+    assert gallery_main(["--only", "no_such_package"]) == 1
     assert "no entries for ['no_such_package']" in capsys.readouterr().err
 
 

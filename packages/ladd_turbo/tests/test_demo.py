@@ -1,4 +1,4 @@
-"""make demo (ladd-demo) from the shipped checkpoints and make demo-train (ladd-demo-train) at a smoke budget: what
+"""make demo (ladd-demo) from the shipped checkpoints and make demo-train (ladd-train-demo) at a smoke budget: what
 they write (the side-by-side grid, samples with class ids, metrics, the summary, the user's prompt) and their
 errors."""
 
@@ -31,7 +31,7 @@ def _cfg(tmp_path: Path, *overrides: str):
     return compose(CONFIGS, "demo", [f"out_dir={tmp_path / 'demo'}", "num_samples=20", "grid_rows=2", *overrides])
 
 
-def test_demo_from_the_shipped_checkpoints(tmp_path, capsys):
+def test_demo_from_the_shipped_checkpoints(tmp_path):
     metrics = demo(_cfg(tmp_path, "prompt=a photo of a sneaker", "prompt_samples=4"))
     out = tmp_path / "demo"
     # the samples, with the class id each was prompted with, for anyone to re-score
@@ -54,17 +54,11 @@ def test_demo_from_the_shipped_checkpoints(tmp_path, capsys):
     assert width == 2 * panel + 16 + 2 * 8 and height > 2 * 34 * 3
     assert Image.open(out / "prompt.png").size[0] == 2 * (4 * 34 + 2) * 3 + 16 + 2 * 8
     assert "sneaker" in metrics["prompt"]["student_seen"]
-    text = capsys.readouterr().out
+    text = "\n".join(metrics["summary"])
     assert "FID-FMNIST" in text and "faster" in text and "prompt 'a photo of a sneaker'" in text
-    assert text.strip().splitlines()[-1].startswith("total")
-    assert (out / "summary.txt").read_text().splitlines()[1].split() == [
-        "FID-FMNIST",
-        "class",
-        "acc",
-        "s",
-        "/",
-        "image",
-    ]
+    assert metrics["summary"][-1].startswith("total")
+    assert (out / "summary.txt").read_text().splitlines() == metrics["summary"]
+    assert metrics["summary"][1].split() == ["FID-FMNIST", "class", "acc", "s", "/", "image"]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +66,7 @@ def test_demo_from_the_shipped_checkpoints(tmp_path, capsys):
     [
         ("student=pkg://sd3_flow/checkpoints/fmnist_rf_lognorm", "is not a ladd-train run or export"),
         ("student_steps=5", "student_steps must be in 1..4"),
-        ("grid_rows=3", "num_samples must be >= 10 \\* grid_rows"),
+        ("num_samples=5", "num_samples must be >= 10"),
         ("student=runs/no_such_run", "not found|does not exist|no model.safetensors"),
     ],
 )
@@ -83,16 +77,21 @@ def test_demo_bad_input(tmp_path, override, message):
 
 
 def test_make_demo_command_line(tmp_path):
-    """The console script as `make demo PROMPT=...` calls it (a prompt with spaces and a comma)."""
+    """The console script as `make demo PROMPT=...` calls it: the prompt through the environment, so any characters
+    (an apostrophe, a comma) arrive as typed; and as a user types it (Hydra-quoted)."""
+    import os
+
     out = tmp_path / "cli"
-    proc = subprocess.run(
-        [str(BIN / "ladd-demo"), f"out_dir={out}", "num_samples=10", "grid_rows=1", 'prompt="a photo of a bag, small"'],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {**os.environ, "GENLAB_DEMO_PROMPT": "a kid's bag, small"}
+    args = [str(BIN / "ladd-demo"), f"out_dir={out}", "num_samples=10", "grid_rows=1", "prompt_samples=2"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "prompt 'a photo of a bag, small'" in proc.stdout and (out / "prompt.png").is_file()
+    assert 'prompt "a kid\'s bag, small"' in proc.stdout and (out / "prompt.png").is_file()
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("total")  # the summary, printed
+    quoted = subprocess.run([*args, 'prompt="a photo of a bag, small"'], capture_output=True, text=True, timeout=300)
+    assert quoted.returncode == 0 and "prompt 'a photo of a bag, small'" in quoted.stdout
+    plain = subprocess.run(args, capture_output=True, text=True, timeout=300)  # no prompt: no stale prompt.png
+    assert plain.returncode == 0 and not (out / "prompt.png").exists()
     bad = subprocess.run([str(BIN / "ladd-demo"), "student_steps=9"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "student_steps must be in 1..4" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -334,3 +334,37 @@ def compose(config_dir: str | os.PathLike, config_name: str, overrides: Sequence
 
 # the core's own console script (its task is imported when it runs: `--help` stays light)
 train_fmnist_features = hydra_app(CORE_CONFIGS, "fmnist_features", "gencore.metrics.train_features:train_and_report")
+
+
+def gallery_main(argv: Sequence[str] | None = None) -> int:
+    """``gencore-gallery`` (``make gallery``): build the page (:mod:`gencore.gallery`), print one line per entry;
+    1 when an entry failed or the request was wrong."""
+    import argparse
+    import logging
+
+    from gencore import gallery
+
+    parser = argparse.ArgumentParser(prog="gencore-gallery", description=gallery.__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/gallery", help="output folder (default: outputs/gallery)")
+    parser.add_argument("--only", nargs="*", default=None, help="only these packages (import names)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        results = gallery.build(args.out, gallery.discover(args.only), timeout=args.timeout)
+    except ValueError as e:
+        print(f"gencore-gallery: error: {e}", file=sys.stderr)
+        return 1
+    width = max(len(f"{r.package}: {r.title}") for r in results)
+    for r in results:
+        status = "ok" if r.ok else "FAILED"
+        print(f"{r.package + ': ' + r.title:{width}s}  {status:6s} {r.seconds:5.0f} s  {r.headline}")
+    print(f"gallery: {Path(args.out).resolve() / 'index.html'} ({sum(r.ok for r in results)}/{len(results)} entries)")
+    for r in results:
+        if not r.ok:
+            print(f"\n{r.package}: {r.title} failed: {r.command}\n{r.error}", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def gallery_cli() -> None:  # console script
+    sys.exit(gallery_main())

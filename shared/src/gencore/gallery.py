@@ -1,4 +1,6 @@
-"""``make gallery`` / ``gencore-gallery``: one static HTML page of every installed package's shipped checkpoint at work.
+"""``make gallery``: one static HTML page of every installed package's shipped checkpoint at work.
+
+``gencore-gallery`` (:func:`gencore.cli.gallery_main`) builds it.
 
 Each package declares its entries under the entry-point group ``genlab.gallery`` (in its ``pyproject.toml``)::
 
@@ -14,7 +16,6 @@ command is shown on the page with the end of its output, and the command exits 1
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -33,7 +34,7 @@ from gencore.io import GENLAB_NAMESPACES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENTRY_POINT_GROUP", "Entry", "build", "discover", "main", "render"]
+__all__ = ["ENTRY_POINT_GROUP", "PACKAGE_ORDER", "Entry", "Result", "build", "discover", "render"]
 
 ENTRY_POINT_GROUP = "genlab.gallery"
 #: the page's order (the design card's, as gencore.io's list of genlab packages); others follow in name order
@@ -78,7 +79,12 @@ class Entry:
     def slug(self) -> str:
         """The entry's folder name: its title in lower case, runs of other characters as one ``_``."""
         words = "".join(c if c.isalnum() else " " for c in self.title.lower()).split()
-        return "_".join(words)[:48].strip("_") or "entry"
+        slug = ""
+        for word in words:  # whole words, at most 64 characters
+            if len(slug) + len(word) + 1 > 64:
+                break
+            slug = f"{slug}_{word}" if slug else word
+        return slug or (words[0][:64] if words else "entry")
 
 
 @dataclass
@@ -248,31 +254,3 @@ def build(out_dir: str | os.PathLike = "outputs/gallery", entries: Sequence[Entr
     with atomic_path(root / "manifest.json") as tmp:
         tmp.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gencore-gallery", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/gallery", help="output folder (default: outputs/gallery)")
-    parser.add_argument("--only", nargs="*", default=None, help="only these packages (import names)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        results = build(args.out, discover(args.only), timeout=args.timeout)
-    except ValueError as e:
-        print(f"gencore-gallery: error: {e}", file=sys.stderr)
-        return 1
-    width = max(len(f"{r.package}: {r.title}") for r in results)
-    for r in results:
-        status = "ok" if r.ok else "FAILED"
-        print(f"{r.package + ': ' + r.title:{width}s}  {status:6s} {r.seconds:5.0f} s  {r.headline}")
-    index = Path(args.out).resolve() / "index.html"
-    print(f"gallery: {index} ({sum(r.ok for r in results)}/{len(results)} entries)")
-    for r in results:
-        if not r.ok:
-            print(f"\n{r.package}: {r.title} failed: {r.command}\n{r.error}", file=sys.stderr)
-    return 0 if all(r.ok for r in results) else 1
-
-
-def cli() -> None:  # console script
-    sys.exit(main())

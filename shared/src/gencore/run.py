@@ -523,7 +523,7 @@ def _sibling_script(verb: str, module: Any = None) -> str:
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if name.endswith("-train") and f"{name.rsplit('-', 1)[0]}-{verb}" in scripts.names:
         return f"{name.rsplit('-', 1)[0]}-{verb}"
-    if module is not None:  # e.g. ladd-demo-train: no ladd-demo-sample, but ladd-sample
+    if module is not None:  # e.g. ladd-train-demo (make demo-train): ladd-sample
         package = type(module).__module__.split(".", 1)[0]
         for ep in scripts:
             if ep.name.endswith(f"-{verb}") and _entry_point_package(ep.value) == package:

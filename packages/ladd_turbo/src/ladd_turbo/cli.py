@@ -1,5 +1,5 @@
-"""Console scripts ``ladd-synth``, ``ladd-train``, ``ladd-sample``, ``ladd-eval``, ``ladd-demo`` (configs:
-ladd_turbo/configs)."""
+"""Console scripts ``ladd-synth``, ``ladd-train``, ``ladd-sample``, ``ladd-eval``, ``ladd-demo``, ``ladd-train-demo``
+(configs: ladd_turbo/configs)."""
 
 from pathlib import Path
 
@@ -11,4 +11,32 @@ synth = hydra_app(CONFIGS, "synth", "ladd_turbo.tasks:synth")
 train = hydra_app(CONFIGS, "train", "gencore.run:train")
 sample = hydra_app(CONFIGS, "sample", "sd3_flow.tasks:sample")
 evaluate = hydra_app(CONFIGS, "eval", "ladd_turbo.tasks:evaluate")
-demo = hydra_app(CONFIGS, "demo", "ladd_turbo.demo:demo")
+demo = hydra_app(CONFIGS, "demo", "ladd_turbo.cli:_demo_and_print")
+
+
+def _demo_and_print(cfg):
+    """``ladd-demo``: the demo, then its summary on the terminal."""
+    from ladd_turbo.demo import demo as run_demo
+
+    metrics = run_demo(cfg)
+    print("\n" + "\n".join(metrics["summary"]), flush=True)
+    return metrics
+
+
+def train_demo() -> None:
+    """``ladd-train-demo`` (``make demo-train``): the chain from scratch, then the demo's summary; a mistake is one
+    line and exit 1, as the other genlab commands."""
+    import os
+    import sys
+
+    from gencore.cli import TRACEBACK_ENV, user_errors
+    from ladd_turbo.demo_train import main
+
+    try:
+        metrics = main()
+    except user_errors() as e:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"ladd-train-demo: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print("\n" + "\n".join(metrics["summary"]), flush=True)

@@ -49,13 +49,15 @@ def summary_lines(metrics: dict[str, dict[str, float]], n: int, out_dir: Path) -
         f"{'':40s}{'FID-FMNIST':>11s}{'class acc':>11s}{'s / image':>11s}",
     ]
     for row in (teacher, student):
-        lines.append(f"{row['label']:40s}{row['fid']:11.2f}{row['class_accuracy']:11.3f}{row['seconds_per_image']:11.4f}")
+        lines.append(
+            f"{row['label']:40s}{row['fid']:11.2f}{row['class_accuracy']:11.3f}{row['seconds_per_image']:11.4f}"
+        )
     lines.append(
         f"student is {teacher['seconds_per_image'] / student['seconds_per_image']:.1f}x faster; {n} samples each "
-        f"(the ten class prompts in turn), {threads} CPU thread{'s' if threads > 1 else ''}; FID at N={n} reads "
-        "higher than the README's 1,000-sample numbers when N < 1,000"
+        f"(the ten class prompts in turn), {threads} CPU thread{'s' if threads > 1 else ''}"
+        + (f"; FID at N={n} reads higher than at the README's N=1,000" if n < 1000 else "")
     )
-    files = ["grid.png", "samples.npz", "metrics.json"] + (["prompt.png"] if "prompt" in metrics else [])
+    files = ["grid.png", "samples.npz", "metrics.json", "summary.txt"] + (["prompt.png"] if "prompt" in metrics else [])
     lines.append(f"wrote {out_dir}/: {', '.join(files)}")
     if "prompt" in metrics:
         p = metrics["prompt"]
@@ -75,7 +77,8 @@ def _seen(images: torch.Tensor) -> str:
 
 
 def demo(cfg: Any) -> dict[str, Any]:
-    """Run the demo for the config (see ``configs/demo.yaml``); returns the metrics written to ``metrics.json``."""
+    """Run the demo for the config (see ``configs/demo.yaml``); returns the metrics written to ``metrics.json``
+    (``summary``: the lines ``ladd-demo`` prints, also in ``summary.txt``)."""
     from gencore import io, run
     from gencore.data.fashion_mnist import CLASS_NAMES
     from gencore.metrics import fmnist_report
@@ -84,16 +87,19 @@ def demo(cfg: Any) -> dict[str, Any]:
 
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     n, rows, seed, batch = int(cfg.num_samples), int(cfg.grid_rows), int(cfg.seed), int(cfg.batch_size)
-    if n < 10 or rows < 1 or 10 * rows > n:
-        raise ValueError(f"demo: num_samples must be >= 10 * grid_rows (one row per seed), got {n} and {rows}")
+    if n < 10 or rows < 1:
+        raise ValueError(f"demo: num_samples must be >= 10 (one per class prompt) and grid_rows >= 1, got {n}, {rows}")
+    rows = min(rows, n // 10)  # the grid shows the first samples: one row per seed
     t_s, t_g, s_s = int(cfg.teacher_steps), float(cfg.guidance_scale), int(cfg.student_steps)
+    if s_s < 1 or t_s < 1:
+        raise ValueError(f"demo: student_steps and teacher_steps must be >= 1, got {s_s} and {t_s}")
     device = run.pick_device(cfg.get("device", "auto"))
     t_start = time.perf_counter()
     log.info("demo [1/4]: loading the student %s and its teacher", cfg.student)
     student = run.load_module(str(cfg.student)).to(device).eval()
     if not hasattr(student, "teacher") or not hasattr(student, "sigmas"):
         raise ValueError(f"demo: student={cfg.student} is not a ladd-train run or export (no LADD student in it)")
-    if s_s < 1 or s_s > student.num_steps:
+    if s_s > student.num_steps:
         raise ValueError(f"demo: student_steps must be in 1..{student.num_steps} (its training steps), got {s_s}")
     teacher = student.teacher if cfg.get("teacher") in (None, "") else load_teacher(str(cfg.teacher)).to(device)
     run.generate(student, 2, batch_size=2, labels=[0, 1], num_steps=1)  # warm-up: the timings are not start-up
@@ -123,6 +129,7 @@ def demo(cfg: Any) -> dict[str, Any]:
     save_panels(panels, out_dir / "grid.png", nrow=10, column_labels=CLASS_NAMES, title=title, scale=3)
 
     prompt = cfg.get("prompt")
+    (out_dir / "prompt.png").unlink(missing_ok=True)  # not an old run's
     if prompt:
         k = int(cfg.prompt_samples)
         ask = {"batch_size": k, "seed": seed, "captions": [str(prompt)]}
@@ -147,10 +154,9 @@ def demo(cfg: Any) -> dict[str, Any]:
     with io.atomic_path(out_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     metrics["seconds_total"] = time.perf_counter() - t_start
-    run.write_metrics(metrics, out_dir)
     lines = summary_lines(metrics, n, out_dir.resolve() if os.path.isabs(str(cfg.out_dir)) else out_dir)
     lines.append(f"total {metrics['seconds_total']:.0f} s")
+    metrics["summary"] = lines  # what the console scripts print (ladd_turbo.cli)
+    run.write_metrics(metrics, out_dir)
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines), flush=True)
     return metrics
-

@@ -1,4 +1,4 @@
-"""``make demo-train`` / ``ladd-demo-train``: the flagship chain retrained from scratch in under 30 minutes on 2 cores.
+"""make demo-train / ladd-train-demo: the flagship chain retrained from scratch in under 30 minutes on 2 cores.
 
 The same four stages, CLIs' code paths and recipes as the shipped checkpoints, with shorter budgets (the shipped ones
 took ~75 minutes; see each checkpoint's MADE_BY.md):
@@ -93,10 +93,16 @@ def main(argv: list[str] | None = None) -> dict:
     from gencore.cli import compose
     from ladd_turbo.demo import demo
 
-    parser = argparse.ArgumentParser(prog="ladd-demo-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default="runs/demo-train", help="where the four stages train")
-    parser.add_argument("--out", default="outputs/demo-train", help="the summary's folder (as make demo's)")
-    parser.add_argument("--num-samples", type=int, default=300, help="samples per model in the summary")
+    parser = argparse.ArgumentParser(prog="ladd-train-demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--run-dir", default="runs/demo-train", help="where the four stages train (default: runs/demo-train)"
+    )
+    parser.add_argument(
+        "--out",
+        default="outputs/demo-train",
+        help="where the summary (grid.png, metrics.json, ...) goes (default: outputs/demo-train)",
+    )
+    parser.add_argument("--num-samples", type=int, default=300, help="samples per model in the summary (default: 300)")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="scale every stage's steps (smoke tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -153,18 +159,3 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["train_minutes"] = minutes
     run.write_metrics(metrics, Path(args.out))
     return metrics
-
-
-def cli() -> None:  # console script: a mistake is one line and exit 1, as the other genlab commands
-    import os
-    import sys
-
-    from gencore.cli import TRACEBACK_ENV, user_errors
-
-    try:
-        main()
-    except user_errors() as e:
-        if os.environ.get(TRACEBACK_ENV):
-            raise
-        print(f"ladd-demo-train: error: {e}", file=sys.stderr)
-        sys.exit(1)
