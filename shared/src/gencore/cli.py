@@ -17,9 +17,10 @@ The package's configs put ``pkg://gencore.configs`` on ``hydra.searchpath`` to g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,16 @@ from gencore.paths import eval_dir
 
 OmegaConf.register_new_resolver("eval_dir", eval_dir, replace=True)  # the eval configs' default out_dir
 
-__all__ = ["CORE_CONFIGS", "TRACEBACK_ENV", "check_overrides", "compose", "help_text", "hydra_app", "user_errors"]
+__all__ = [
+    "CORE_CONFIGS",
+    "TRACEBACK_ENV",
+    "check_overrides",
+    "compose",
+    "help_text",
+    "hydra_app",
+    "one_line_errors",
+    "user_errors",
+]
 
 CORE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -56,6 +66,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DataReadError,
         ValueError,  # genlab's ValueErrors name the problem (a shape, a value, a file): the user's to fix
     )
+
+
+@contextlib.contextmanager
+def one_line_errors(name: str, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """How a console script ends on a :func:`user_errors` exception: ``<name>: error: <message>`` and a hint on
+    stderr, ``cleanup()``, exit 1 (the traceback instead with ``GENLAB_TRACEBACK=1``)."""
+    try:
+        yield
+    except user_errors() as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"{name}: error: {err}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        if cleanup is not None:
+            cleanup()
+        raise SystemExit(1) from None
 
 
 def _resolve_task(task: str | Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -100,15 +125,8 @@ def hydra_app(
     def job(cfg: DictConfig) -> Any:
         from gencore.run import sweep_value
 
-        try:
+        with one_line_errors(Path(sys.argv[0]).name or config_name, cleanup=_remove_if_only_hydra_wrote):
             return sweep_value(cfg, _resolve_task(task)(cfg))
-        except user_errors() as err:
-            if os.environ.get(TRACEBACK_ENV):
-                raise
-            name = Path(sys.argv[0]).name or config_name
-            print(f"{name}: error: {err}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
-            _remove_if_only_hydra_wrote()
-            raise SystemExit(1) from None
 
     def main() -> None:
         if any(a in ("--help", "-h") for a in sys.argv[1:]):

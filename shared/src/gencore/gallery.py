@@ -34,7 +34,7 @@ from gencore.io import GENLAB_NAMESPACES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENTRY_POINT_GROUP", "PACKAGE_ORDER", "Entry", "Result", "build", "discover", "render"]
+__all__ = ["ENTRY_POINT_GROUP", "PACKAGE_ORDER", "Entry", "Result", "build", "class_grid", "discover", "render"]
 
 ENTRY_POINT_GROUP = "genlab.gallery"
 #: the page's order (the design card's, as gencore.io's list of genlab packages); others follow in name order
@@ -85,6 +85,16 @@ class Entry:
                 break
             slug = f"{slug}_{word}" if slug else word
         return slug or (words[0][:64] if words else "entry")
+
+
+def class_grid(
+    package: str, title: str, script: str, checkpoint: str, *options: str, headline: str, note: str = ""
+) -> Entry:
+    """The usual entry of a class- or caption-conditional Fashion-MNIST model: ``<script> checkpoint=...`` samples 40
+    images, the ten classes in turn, as ``grid.png`` with one column per class (``options``: the sampler's own, e.g.
+    ``sample.num_steps=4``)."""
+    command = [script, f"checkpoint={checkpoint}", "num_samples=40", "nrow=10", "batch_size=40", *options]
+    return Entry(package, title, [*command, "out_dir={out}"], ["grid.png"], headline, note)
 
 
 @dataclass

@@ -26,17 +26,9 @@ def _demo_and_print(cfg):
 def train_demo() -> None:
     """``ladd-train-demo`` (``make demo-train``): the chain from scratch, then the demo's summary; a mistake is one
     line and exit 1, as the other genlab commands."""
-    import os
-    import sys
-
-    from gencore.cli import TRACEBACK_ENV, user_errors
+    from gencore.cli import one_line_errors
     from ladd_turbo.demo_train import main
 
-    try:
+    with one_line_errors("ladd-train-demo"):
         metrics = main()
-    except user_errors() as e:
-        if os.environ.get(TRACEBACK_ENV):
-            raise
-        print(f"ladd-train-demo: error: {e}", file=sys.stderr)
-        sys.exit(1)
     print("\n" + "\n".join(metrics["summary"]), flush=True)

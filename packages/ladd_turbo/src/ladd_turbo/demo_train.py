@@ -34,15 +34,16 @@ class Stage:
     command: str  # the console script it stands for (its package's cli module has the configs)
     cli: str
     experiment: str | None
-    steps: int
-    seconds_per_step: float  # measured on 2 CPU cores (Intel Xeon), for the time estimate
+    steps: int  # the stage's budget, in units
+    seconds_per_step: float  # per unit, measured on 2 CPU cores (Intel Xeon), for the time estimate
+    unit: str = "steps"
 
 
 # budgets: the shipped checkpoints' recipes, shortened to fit 30 minutes on 2 cores
 STAGES = (
     Stage("autoencoder", "ldm-train", "ldm.cli", "autoencoder_fmnist_c16", 800, 0.48),
     Stage("teacher", "sd3-train", "sd3_flow.cli", "fmnist_rf_lognorm", 1400, 0.46),
-    Stage("synthetic", "ladd-synth", "ladd_turbo.cli", None, 80, 0.125),  # steps: samples per caption (x 10)
+    Stage("synthetic", "ladd-synth", "ladd_turbo.cli", None, 800, 0.125, "samples"),  # 80 per class caption
     Stage("student", "ladd-train", "ladd_turbo.cli", "fmnist_turbo", 800, 0.36),
 )
 
@@ -52,7 +53,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _estimate(stages: tuple[Stage, ...]) -> float:
-    return sum(s.steps * s.seconds_per_step * (10 if s.name == "synthetic" else 1) for s in stages) + 60 * len(stages)
+    return sum(s.steps * s.seconds_per_step for s in stages) + 60 * len(stages)
 
 
 def _overrides(stage: Stage, run_dir: Path) -> list[str]:
@@ -61,7 +62,7 @@ def _overrides(stage: Stage, run_dir: Path) -> list[str]:
     if stage.name == "synthetic":
         return [
             f"teacher={where['teacher']}",
-            f"num_per_prompt={stage.steps}",
+            f"num_per_prompt={max(1, stage.steps // 10)}",  # the ten class captions
             "batch_size=100",
             f"out_dir={where[stage.name]}",
         ]
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             len(stages),
             stage.name,
             stage.command,
-            stage.steps * (10 if stage.name == "synthetic" else 1),
-            "samples" if stage.name == "synthetic" else "steps",
+            stage.steps,
+            stage.unit,
             _minutes(elapsed),
             _minutes(left),
         )

@@ -1,6 +1,6 @@
 """ladd_turbo's gallery entries (``make gallery``): the shipped 4-step student at 4 and at 1 step."""
 
-from gencore.gallery import Entry
+from gencore.gallery import Entry, class_grid
 
 CHECKPOINT = "pkg://ladd_turbo/checkpoints/fmnist_turbo"
 # ladd-eval of the shipped student (1,000 samples) and bench/bench_ladd_sampling.py
@@ -12,19 +12,12 @@ HEADLINES = {
 
 
 def _entry(steps: int) -> Entry:
-    return Entry(
-        package="ladd_turbo",
-        title=f"LADD student: {steps} unguided step{'s' if steps > 1 else ''}",
-        command=[
-            "ladd-sample",
-            f"checkpoint={CHECKPOINT}",
-            "num_samples=40",
-            "nrow=10",
-            "batch_size=40",
-            f"sample.num_steps={steps}",
-            "out_dir={out}",
-        ],
-        media=["grid.png"],
+    return class_grid(
+        "ladd_turbo",
+        f"LADD student: {steps} unguided step{'s' if steps > 1 else ''}",
+        "ladd-sample",
+        CHECKPOINT,
+        f"sample.num_steps={steps}",
         headline=HEADLINES[steps],
         note="The same captions as the sd3_flow teacher above (one column per class); make demo puts the two side by "
         "side from the same noise.",

@@ -1,7 +1,7 @@
 """taming's gallery entry (``make gallery``): the shipped class-conditional transformer over the shipped VQGAN's
 codes, one column per class."""
 
-from gencore.gallery import Entry
+from gencore.gallery import Entry, class_grid
 
 CHECKPOINT = "pkg://taming/checkpoints/transformer_fmnist_class"
 HEADLINE = (
@@ -12,19 +12,12 @@ HEADLINE = (
 
 def entries() -> list[Entry]:
     return [
-        Entry(
-            package="taming",
-            title="VQGAN + class-conditional transformer over its codes",
-            command=[
-                "taming-sample",
-                f"checkpoint={CHECKPOINT}",
-                "num_samples=40",
-                "nrow=10",
-                "batch_size=40",
-                "sample.labels=[0,1,2,3,4,5,6,7,8,9]",
-                "out_dir={out}",
-            ],
-            media=["grid.png"],
+        class_grid(
+            "taming",
+            "VQGAN + class-conditional transformer over its codes",
+            "taming-sample",
+            CHECKPOINT,
+            "sample.labels=[0,1,2,3,4,5,6,7,8,9]",
             headline=HEADLINE,
             note="Columns: the ten classes. A VQGAN (f4: 8 x 8 codes from 512; reconstruction PSNR 15.5 dB) and a "
             "4-layer GPT over its codes, both trained briefly here (pkg://taming/checkpoints/vqgan_fmnist is the "
