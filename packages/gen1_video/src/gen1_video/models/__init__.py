@@ -1,0 +1,1 @@
+"""Networks of Gen-1: the video UNet inflated from ldm's image UNet."""
