@@ -160,8 +160,9 @@ def test_video_dtype_device_and_mode_follow_the_image_unet():
     image = _trained_image_unet().train()
     video = VideoUNetModel.from_image_unet(image)
     assert video.training and next(video.parameters()).dtype == torch.float32
+    video_sd = video.state_dict()
     for name, p in image.state_dict().items():
-        q = video.state_dict()[name]
+        q = video_sd[name]
         assert torch.equal(q[:, :4] if name == "input_blocks.0.0.weight" else q, p), name
 
 
@@ -300,10 +301,11 @@ def test_an_official_image_checkpoint_loads_strictly_into_the_spatial_part():
     video = video_unet_from_preset("tiny")
     fresh_temporal = {k: v.clone() for k, v in video.state_dict().items() if k.startswith(TEMPORAL_PREFIXES)}
     assert video.load_image_state_dict(official, prefix="model.diffusion_model.") == ([], [])
+    image_sd = image.state_dict()
     for k, v in video.state_dict().items():
         assert torch.equal(v, fresh_temporal[k] if k in fresh_temporal else v), k  # temporal weights untouched
         if not k.startswith(TEMPORAL_PREFIXES) and k != "input_blocks.0.0.weight":
-            assert torch.equal(v, image.state_dict()[k]), k
+            assert torch.equal(v, image_sd[k]), k
     assert torch.equal(video.input_blocks[0][0].weight[:, :4], image.input_blocks[0][0].weight)
     assert video.input_blocks[0][0].weight[:, 4:].abs().max() == 0
 
@@ -322,8 +324,9 @@ def test_a_video_state_dict_reloads_with_its_temporal_weights():
     trained = _perturb_temporal(randomize_parameters(video_unet_from_preset("tiny")))
     fresh = video_unet_from_preset("tiny")
     assert fresh.load_image_state_dict(trained.state_dict()) == ([], [])
+    loaded = fresh.state_dict()
     for k, v in trained.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
+        assert torch.equal(loaded[k], v), k
 
 
 @pytest.mark.parametrize(
