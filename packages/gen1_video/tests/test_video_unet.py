@@ -403,3 +403,21 @@ def test_bad_input_raises_clear_errors():
             video_unet_from_preset("tiny", **bad)
     with pytest.raises(ValueError, match="UNetModel"):
         VideoUNetModel.from_image_unet(torch.nn.Linear(2, 2))
+
+
+def test_toy_preset_inflates_ldms_fmnist_unet_and_runs_its_longest_clip():
+    torch.manual_seed(0)
+    image = randomize_parameters(unet_from_preset("fmnist_tiny")).eval()
+    video = VideoUNetModel.from_image_unet(image, max_frames=16).eval()
+    assert image_unet_config(image) == image_unet_config(video)  # the video model rebuilds as its image model
+    ref = video_unet_from_preset("fmnist_toy")
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in video.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 8, 8, generator=g)
+    ctx = torch.randn(1, 1, 384, generator=g)
+    s = torch.zeros(1, 1, 16, 8, 8)
+    with torch.no_grad():
+        out = video(x, torch.tensor([500]), ctx, structure=s, structure_level=5)
+        ref_out = _framewise(image, x[:, :, :3], torch.tensor([500]), ctx)
+    assert out.shape == x.shape
+    assert (out[:, :, :3] - ref_out).abs().max() < 1e-5
