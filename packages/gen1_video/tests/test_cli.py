@@ -23,7 +23,12 @@ TREE = OPENCV_SAMPLES / "tree.avi"
 FRUITS = OPENCV_SAMPLES / "fruits.jpg"
 pytestmark = pytest.mark.skipif(not (TREE.is_file() and FRUITS.is_file()), reason="opencv-doc samples missing")
 BIN = Path(sys.executable).parent
-TINY = ["experiment=tiny", f"datamodule.paths=[{TREE}]", "trainer.enable_progress_bar=false"]
+TINY = [
+    "experiment=tiny",
+    f"datamodule.paths=[{TREE}]",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -56,6 +56,7 @@ def test_image_steps_are_spread_by_the_ratio():
     assert not any(is_image_step(s, 0.0) for s in range(10))
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step called without a Trainer
 def test_joint_steps_use_image_mode_for_images(clips):
     m = _module(image_ratio=0.5)
     images = clips[:, :, 0][:, None]  # (B, K=1, C, H, W): frames as images
