@@ -61,6 +61,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_state_dict",
+    "model_folder",
     "plain_config",
     "read_state_dict",
     "rename_legacy_keys",
@@ -84,6 +85,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights (a backbone, an encoder, a metric's network) are not on this machine; says which file."""
+
+
+def model_folder(path: str | os.PathLike, needs: str) -> Path:
+    """``path`` as a local model folder in transformers format (it has a ``config.json``), else
+    :class:`MissingWeightsError` saying who ``needs`` it and which file is missing."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(f"{needs}: {folder / 'config.json'} does not exist")
+    return folder
 
 
 class CheckpointKeyError(CheckpointError):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gencore.io import MissingWeightsError
+from gencore.io import MissingWeightsError, model_folder
 from gencore.modules import FrozenModule
 
 __all__ = ["FrozenTextEncoder", "PrecomputedTextEncoder", "minilm_path", "save_text_features", "text_encoder"]
@@ -83,12 +83,10 @@ class FrozenTextEncoder(FrozenModule):
         super().__init__()
         from transformers import AutoTokenizer
 
-        folder = Path(path) if path is not None else minilm_path()
-        if not (folder / "config.json").is_file():
-            raise MissingWeightsError(
-                f"text encoder: {folder / 'config.json'} does not exist (pass a local model "
-                "folder in transformers format)"
-            )
+        folder = model_folder(
+            path if path is not None else minilm_path(),
+            "text encoder needs a local model folder in transformers format",
+        )
         if pooling not in POOLING:
             raise ValueError(f"text encoder: pooling must be one of {POOLING}, got {pooling!r}")
         if max_length < 1:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gencore.io import MissingWeightsError
+from gencore.io import model_folder
 from gencore.modules import FrozenModule
 
 __all__ = [
@@ -116,12 +115,11 @@ class CLIPContentEncoder(FrozenModule, ContentEncoder):
         super().__init__()
         from transformers import CLIPModel, CLIPTokenizer
 
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise MissingWeightsError(
-                f"CLIPContentEncoder needs a local CLIP model folder in transformers format (e.g. a snapshot of "
-                f"openai/clip-vit-large-patch14): {folder / 'config.json'} does not exist"
-            )
+        folder = model_folder(
+            path,
+            "CLIPContentEncoder needs a local CLIP model folder in transformers format (e.g. a snapshot of "
+            "openai/clip-vit-large-patch14)",
+        )
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         size = crop = int(self.model.config.vision_config.image_size)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gencore.io import MissingWeightsError
+from gencore.io import model_folder
 from gencore.modules import FrozenModule, check_index_range
 
 __all__ = [
@@ -169,12 +168,11 @@ class DPTDepth(StructureEstimator):
         super().__init__()
         from transformers import DPTForDepthEstimation
 
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise MissingWeightsError(
-                f"DPTDepth needs a local DPT / MiDaS model folder in transformers format (e.g. a snapshot of "
-                f"Intel/dpt-large): {folder / 'config.json'} does not exist"
-            )
+        folder = model_folder(
+            path,
+            "DPTDepth needs a local DPT / MiDaS model folder in transformers format (e.g. a snapshot of "
+            "Intel/dpt-large)",
+        )
         self.model = DPTForDepthEstimation.from_pretrained(folder, local_files_only=True)
         mean, std = [0.5] * 3, [0.5] * 3
         if (folder / "preprocessor_config.json").is_file():

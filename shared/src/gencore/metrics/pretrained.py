@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gencore.io import MissingWeightsError
+from gencore.io import MissingWeightsError, model_folder
 
 __all__ = ["CLIPScorer", "MissingWeightsError", "clip_score", "inception_fid", "lpips_metric"]
 
@@ -133,10 +133,6 @@ class CLIPScorer(torch.nn.Module):
 
 def clip_score(model_path: str | os.PathLike) -> CLIPScorer:
     """CLIP score with a CLIP model saved locally in transformers format (config.json + weights + processor)."""
-    p = Path(model_path)
-    if not (p / "config.json").is_file():
-        raise MissingWeightsError(
-            f"CLIP score needs a local CLIP model folder (transformers format, e.g. a snapshot of "
-            f"openai/clip-vit-large-patch14): {p / 'config.json'} does not exist"
-        )
-    return CLIPScorer(p)
+    needs = "CLIP score needs a local CLIP model folder (transformers format, e.g. a snapshot of "
+    needs += "openai/clip-vit-large-patch14)"
+    return CLIPScorer(model_folder(model_path, needs))
