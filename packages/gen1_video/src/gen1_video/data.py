@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from gencore.data import DataModule, VideoClips, read_frames, resize_center_crop, video_info
+from gencore.data.video import frames_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,11 @@ def to_channels(x: Tensor, channels: int, dim: int = -3) -> Tensor:
     return (x * w).sum(dim=dim, keepdim=True)
 
 
-def _frames_to_tensor(frames: Any, size: int | Sequence[int], channels: int) -> Tensor:
-    """uint8 (T, H, W, 3) -> (T, C, h, w) floats in [-1, 1], resized (short side) and centre-cropped."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return to_channels(resize_center_crop(x, size), channels)
+def _frames_to_tensor(frames: Any, size: int | Sequence[int] | None, channels: int) -> Tensor:
+    """uint8 (T, H, W, 3) -> (T, C, h, w) floats in [-1, 1], resized (short side) and centre-cropped unless ``size``
+    is None."""
+    x = frames_to_tensor(frames)
+    return to_channels(x if size is None else resize_center_crop(x, size), channels)
 
 
 class Clips(VideoClips):
@@ -248,10 +250,7 @@ def read_video(
         frames = read_frames(p, list(range(start, need, stride)), info.backend)
     except OSError as err:
         raise ValueError(f"cannot decode video {p}: {err}") from err
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (T, 3, H, W)
-    if size is not None:
-        x = resize_center_crop(x, size)
-    x = to_channels(x, channels)
+    x = _frames_to_tensor(frames, size, channels)  # (T, C, H, W)
     fps = info.fps / stride if info.fps > 0 else 0.0
     return x.permute(1, 0, 2, 3).contiguous(), fps
 

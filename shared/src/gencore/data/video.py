@@ -39,6 +39,7 @@ __all__ = [
     "VideoClips",
     "VideoInfo",
     "avi_truncated",
+    "frames_to_tensor",
     "opencv_sample_videos",
     "read_frames",
     "video_info",
@@ -237,6 +238,11 @@ def video_info(path: str | os.PathLike, backend: str = "auto") -> VideoInfo:
     return VideoInfo(path, n, fps, int(h), int(w), backend, "; ".join(notes))
 
 
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3), as :func:`read_frames` returns them -> float (T, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def read_frames(path: str | os.PathLike, indices: Sequence[int], backend: str = "auto") -> np.ndarray:
     """Frames ``indices`` (sorted ascending) of a video as uint8 (T, H, W, 3) RGB.
 
@@ -387,8 +393,7 @@ class VideoClips(RobustItems, Dataset):
         v, start, step = self.clips[i]
         info = self.videos[v]
         frames = _read_frames(info.path, list(range(start, start + self.num_frames * step, step)), info.backend)
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (T, C, H, W)
-        x = resize_center_crop(x, self.size)
+        x = resize_center_crop(frames_to_tensor(frames), self.size)  # (T, C, H, W)
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return {
