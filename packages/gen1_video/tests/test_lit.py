@@ -33,7 +33,7 @@ def clips() -> torch.Tensor:
 
 def _fixed_loss(m: Gen1VideoDiffusion, videos: torch.Tensor) -> float:
     with torch.no_grad():
-        return float(m._video_loss(videos, "val", generator=torch.Generator().manual_seed(0)))
+        return float(m._loss(videos, "val", generator=torch.Generator().manual_seed(0)))
 
 
 def test_loss_is_finite_and_falls_on_real_clips(clips):
@@ -41,7 +41,7 @@ def test_loss_is_finite_and_falls_on_real_clips(clips):
     opt = m.configure_optimizers()
     before = _fixed_loss(m, clips)
     for _ in range(12):
-        loss = m._video_loss(clips, "train")
+        loss = m._loss(clips, "train")
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -92,7 +92,7 @@ def test_temporal_only_training_leaves_spatial_weights_unchanged(clips):
     temporal = {n: p.detach().clone() for n, p in m.named_parameters() if n.startswith("unet.temporal_")}
     assert any(n.startswith("content.") for n in frozen) and temporal
     for _ in range(3):
-        loss = m._video_loss(clips, "train")
+        loss = m._loss(clips, "train")
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -309,38 +309,30 @@ class Gen1VideoDiffusion(L.LightningModule):
             self.latent_norm.load_state_dict(image.latent_norm.state_dict())
         log.info("initialised the spatial layers and the latent scale from the image LDM %s", path)
 
-    def _video_loss(self, videos: Tensor, split: str, generator: torch.Generator | None = None) -> Tensor:
-        b, _, t = videos.shape[:3]
-        z = self.encode(videos)  # (B, c, T, h, w)
+    def _loss(
+        self, clips: Tensor, split: str, *, image_mode: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The diffusion loss of clips (B, C, T, H, W): t_s per clip, content from one random frame (dropped with
+        ``p_uncond`` in training). ``image_mode``: images as one-frame clips through the image model (no temporal
+        layers; their content is the image itself), kept out of the video loss's per-timestep buckets."""
+        b, _, t = clips.shape[:3]
+        z = self.encode(clips)  # (B, c, T, h, w)
         level = torch.randint(0, self.max_structure_level + 1, (b,), device=self.device, generator=generator)
-        structure = self.structure_input(videos, level)
+        structure = self.structure_input(clips, level)
         frame = random_frame_index(b, t, device=self.device, generator=generator)
-        content = self.encode_content(select_frames(videos, frame))  # (B, L, D)
+        content = self.encode_content(select_frames(clips, frame))  # (B, L, D)
         if split == "train" and self.p_uncond > 0:
             content, _ = drop_condition(content, self.null_content(1), self.p_uncond)
         cond = {"context": content, "structure": structure, "structure_level": level}
-        denoise = functools.partial(self.unet, image_mode=False)
+        denoise = functools.partial(self.unet, image_mode=image_mode)
         kw: dict[str, Any] = {}
         if generator is not None:
             kw = {
                 "t": torch.randint(0, self.schedule.num_timesteps, (b,), device=self.device, generator=generator),
                 "noise": torch.randn(z.shape, device=self.device, generator=generator),
             }
-        loss, _ = self.loss_fn(denoise, z, cond, buckets=self.loss_buckets[split], **kw)
-        return loss
-
-    def _image_loss(self, images: Tensor) -> Tensor:
-        """Images (N, C, H, W) as one-frame clips in image mode; content: each image's own embedding."""
-        clips = images[:, :, None]  # (N, C, 1, H, W)
-        n = images.shape[0]
-        z = self.encode(clips)
-        level = torch.randint(0, self.max_structure_level + 1, (n,), device=self.device)
-        structure = self.structure_input(clips, level)
-        content = self.encode_content(images)
-        if self.p_uncond > 0:
-            content, _ = drop_condition(content, self.null_content(1), self.p_uncond)
-        cond = {"context": content, "structure": structure, "structure_level": level}
-        loss, _ = self.loss_fn(functools.partial(self.unet, image_mode=True), z, cond)
+        buckets = None if image_mode else self.loss_buckets[split]
+        loss, _ = self.loss_fn(denoise, z, cond, buckets=buckets, **kw)
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -349,11 +341,11 @@ class Gen1VideoDiffusion(L.LightningModule):
             if images is None:
                 raise ValueError(f"image_ratio={self.image_ratio} but the batch has no {self.image_key!r} images")
             images = images.flatten(0, 1) if images.dim() == 5 else images  # (B, K, C, H, W) -> (B·K, C, H, W)
-            loss = self._image_loss(images)
+            loss = self._loss(images[:, :, None], "train", image_mode=True)  # (N, C, 1, H, W)
             self.log("train/loss_image", loss, prog_bar=True, batch_size=images.shape[0])
         else:
             videos = batch[self.video_key]
-            loss = self._video_loss(videos, "train")
+            loss = self._loss(videos, "train")
             self.log("train/loss_video", loss, prog_bar=True, batch_size=videos.shape[0])
         self.log("train/loss", loss, batch_size=1)
         return loss
@@ -366,7 +358,7 @@ class Gen1VideoDiffusion(L.LightningModule):
             return  # the latent scale is estimated at the first training batch
         g = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same t / noise every validation
         videos = batch[self.video_key]
-        loss = self._video_loss(videos, "val", generator=g)
+        loss = self._loss(videos, "val", generator=g)
         self.log("val/loss", loss, prog_bar=True, batch_size=videos.shape[0])
 
     def on_validation_epoch_end(self) -> None:
