@@ -53,16 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SAMPLE_OPTIONS", "Gen1VideoDiffusion", "is_image_step"]
 
-#: sampling options of :meth:`Gen1VideoDiffusion.edit` / ``generate`` (the module's ``sample`` defaults)
-SAMPLE_OPTIONS = (
-    "num_steps",
-    "eta",
-    "guidance_scale",
-    "temporal_scale",
-    "structure_level",
-    "strength",
-    "frame_by_frame",
-)
+#: defaults of the sampling options of :meth:`Gen1VideoDiffusion.edit` / ``generate`` (the module's ``sample``)
 _SAMPLE_DEFAULTS = dict(
     num_steps=50,
     eta=0.0,
@@ -72,6 +63,7 @@ _SAMPLE_DEFAULTS = dict(
     strength=1.0,
     frame_by_frame=False,
 )
+SAMPLE_OPTIONS = tuple(_SAMPLE_DEFAULTS)  #: their names
 
 
 def is_image_step(step: int, ratio: float) -> bool:
