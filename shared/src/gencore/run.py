@@ -738,6 +738,15 @@ def check_module_package(module: nn.Module, checkpoint: Any) -> None:
     )
 
 
+def task_device(cfg: DictConfig, state: Any = None) -> torch.device:
+    """A sampling / evaluation task's device: ``cfg.device``, or for ``auto`` (or unset) this process's device in a
+    distributed launch (``state``: its :func:`process_state`, when the caller has it already)."""
+    device = cfg.get("device", "auto")
+    if device in (None, "auto"):
+        return (state if state is not None else process_state(device)).device
+    return pick_device(device)
+
+
 def load_for_sampling(cfg: DictConfig, device: torch.device) -> nn.Module:
     """The trained module of ``cfg.checkpoint`` (export, run folder or .ckpt; optional ``cfg.module``) on ``device``;
     from a console script, one of that script's package (:func:`check_module_package`)."""
@@ -785,7 +794,7 @@ def sample(
     _require(cfg, "checkpoint", "out_dir", where="gencore.run.sample")
     check_sample_config(cfg)
     state = process_state(cfg.get("device", "auto"))
-    module = load(cfg, state.device if cfg.get("device", "auto") in (None, "auto") else pick_device(cfg.device))
+    module = load(cfg, task_device(cfg, state))
     num_samples, kwargs = request(cfg, module)
     out = generate_sharded(
         module, num_samples, batch_size=int(cfg.get("batch_size", 16)), seed=int(cfg.get("seed", 0)), **kwargs

@@ -68,11 +68,6 @@ def train(cfg: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    device = cfg.get("device", "auto")
-    return run.process_state(device).device if device in (None, "auto") else run.pick_device(device)
-
-
 def load_model(cfg: Any) -> Any:
     """The Gen-1 model of ``cfg.checkpoint`` (run folder, export, .ckpt, pkg://) on the config's device, eval mode;
     another package's model or a first stage is a one-line error naming the command that fits."""
@@ -80,7 +75,7 @@ def load_model(cfg: Any) -> Any:
 
     cfg = _cfg(cfg)
     run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
-    module = run.load_for_sampling(cfg, _device(cfg))
+    module = run.load_for_sampling(cfg, run.task_device(cfg))
     if not isinstance(module, Gen1VideoDiffusion):
         if not hasattr(module, "generate"):
             raise ValueError(

@@ -69,7 +69,7 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     cfg = _cfg(cfg)
     run.check_sample_config(cfg)
     state = run.process_state(cfg.get("device", "auto"))
-    device = state.device if cfg.get("device", "auto") in (None, "auto") else run.pick_device(cfg.device)
+    device = run.task_device(cfg, state)
     module = run.load_for_sampling(cfg, device)
     n, batch = int(cfg.num_samples), int(cfg.batch_size)
     rows: list[tuple[str, Any, dict[str, Any]]] = []

@@ -28,17 +28,11 @@ def _cfg(cfg: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    """This process's device: ``cfg.device``, or for ``auto`` the one of a distributed launch (as ``run.sample``)."""
-    device = cfg.get("device", "auto")
-    return run.process_state(device).device if device in (None, "auto") else run.pick_device(device)
-
-
 def load_model(cfg: Any, device: torch.device | str | None = None) -> torch.nn.Module:
     """The model named by ``cfg.checkpoint`` (+ ``official_config``, ``clip_path``, ``use_ema``) on ``device``
     (default: :func:`_device`), in eval mode; the ``load`` of :func:`gencore.run.sample`."""
     cfg = _cfg(cfg)
-    device = _device(cfg) if device is None else torch.device(device)
+    device = run.task_device(cfg) if device is None else torch.device(device)
     if not cfg.get("official_config"):
         return run.load_for_sampling(cfg, device)
     from ldm.convert import load_ldm

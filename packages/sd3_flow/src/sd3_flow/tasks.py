@@ -98,11 +98,6 @@ def sample(cfg: Any) -> Path:
     return run.sample(_cfg(cfg), request=sample_request, write=write_images)
 
 
-def _device(cfg: DictConfig, state: Any) -> torch.device:
-    device = cfg.get("device", "auto")
-    return state.device if device in (None, "auto") else run.pick_device(device)
-
-
 def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     """Sample metrics on Fashion-MNIST captions (the ten classes in turn) for each step count in ``cfg.num_steps``
     (a list, or one number; default: the model's), ``{"steps_<S>": {fid, ..., seconds_per_image}}``, written to
@@ -115,7 +110,7 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     run.check_sample_config(cfg)  # counts, checkpoint, device: before anything loads
     kwargs = _sample_kwargs(cfg)
     state = run.process_state(cfg.get("device", "auto"))
-    module = run.load_for_sampling(cfg, _device(cfg, state))
+    module = run.load_for_sampling(cfg, run.task_device(cfg, state))
     counts = cfg.get("num_steps")
     if counts is None:
         counts = [kwargs.get("num_steps", module.sample_kwargs["num_steps"])]

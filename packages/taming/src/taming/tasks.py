@@ -117,7 +117,7 @@ def evaluate(cfg: Any) -> dict[str, float]:
     if missing:
         raise ValueError(f"taming-eval: config is missing {', '.join(missing)} (see taming/configs/eval.yaml)")
     state = run.process_state(cfg.get("device"))
-    device = state.device if cfg.get("device") in (None, "auto") else run.pick_device(cfg.device)
+    device = run.task_device(cfg, state)
     module = run.load_module(cfg.checkpoint, use_ema=cfg.get("use_ema", True)).to(device)
     n, bs = int(cfg.num_samples), int(cfg.batch_size)
     if isinstance(module, VQGANModule):
