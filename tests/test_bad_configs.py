@@ -24,7 +24,10 @@ SD3 = [
     "+module.transformer.patch_size=4",
     "+module.transformer.sample_size=32",
 ]
-COMMON = ["datamodule.num_workers=0", "datamodule.limit_val=8", "trainer.max_steps=2"]  # if one is not refused
+GEN1 = ["experiment=tiny"]
+LIMIT_VAL = "datamodule.limit_val=8"  # the image datamodules' validation cap
+TAMING, LDM, SD3 = [*TAMING, LIMIT_VAL], [*LDM, LIMIT_VAL], [*SD3, LIMIT_VAL]
+COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]  # if one is not refused
 
 CASES = [
     # package, base overrides, bad override, what the message must say
@@ -42,6 +45,14 @@ CASES = [
     ("sd3_flow", SD3, "module.objective=rf/banana", r"module: .*banana"),
     ("sd3_flow", SD3, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
     ("sd3_flow", SD3, "trainer.max_steps=-5", r"trainer\.max_steps: -5 trains nothing"),
+    ("gen1_video", GEN1, "datamodule.size=16", r"datamodule\.size=16 but module\.image_size=8"),
+    ("gen1_video", GEN1, "datamodule.num_frames=12", r"num_frames=12 exceeds the unet's max_frames=8"),
+    ("gen1_video", GEN1, "module.image_ratio=0.5", r"image_ratio=0\.5 needs image batches"),
+    ("gen1_video", GEN1, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    ("gen1_video", GEN1, "module.structure.name=depthz", r"depthz"),
+    ("gen1_video", GEN1, "+module.unet.max_structure_level=-1", r"max_structure_level must be >= 0"),
+    ("gen1_video", GEN1, "datamodule.paths=[/nowhere.mp4]", r"no such video file\(s\): /nowhere\.mp4"),
+    ("gen1_video", GEN1, "+module.structure_init_std=-0.1", r"structure_init_std must be >= 0"),
 ]
 
 

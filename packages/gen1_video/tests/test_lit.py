@@ -133,6 +133,14 @@ def test_starts_from_an_image_ldm(tmp_path):
         else:
             torch.testing.assert_close(ours[k], v)
     assert all(not k.startswith(TEMPORAL_PREFIXES) for k in image.model.diffusion_model.state_dict())
+    # structure_init_std: the structure channels start random (std as asked), everything else as loaded
+    drawn = _module(init_from=str(tmp_path / "image_ldm"), structure_init_std=0.1)
+    drawn.setup("fit")
+    w = drawn.unet.input_blocks[0][0].weight.detach()
+    torch.testing.assert_close(w[:, :3], ours["input_blocks.0.0.weight"][:, :3])
+    assert 0.07 < float(w[:, 3:].std()) < 0.13
+    with pytest.raises(ValueError, match="structure_init_std"):
+        _module(structure_init_std=-1.0)
     wider = Gen1VideoDiffusion(
         video_unet_from_preset("tiny", in_channels=3, out_channels=3, model_channels=64),
         content=ConvContentEncoder(context_dim=16, channels=(8, 16), image_size=8),

@@ -10,7 +10,8 @@ import torch
 from skimage import data as skdata
 
 from gen1_video.content import CLIPContentEncoder, ConvContentEncoder
-from gen1_video.metrics import frame_consistency, frame_embeddings, prompt_consistency
+from gen1_video.metrics import frame_consistency, frame_embeddings, prompt_consistency, structure_fidelity
+from gen1_video.structure import SobelEdges
 from gencore.testing import tiny_clip
 
 
@@ -88,3 +89,30 @@ def test_encoders_are_pluggable_and_bad_input_is_refused(clip):
         prompt_consistency(videos, torch.zeros(2, 3), clip)
     with pytest.raises(ValueError, match=r"\(N, D\) embeddings"):
         frame_consistency(videos, lambda x: x)
+
+
+def test_structure_fidelity_is_a_correlation_of_structure_maps():
+    a, b, c = _photo("astronaut"), _photo("coffee"), _photo("chelsea")
+    clips = torch.stack([_clip_of(a, b), _clip_of(c, a)])  # (2, 3, 2, H, W)
+    edges = SobelEdges()
+    _, scores = structure_fidelity(clips, clips, edges, size=8)
+    torch.testing.assert_close(scores, torch.ones(2))
+    # the same layout at another brightness and contrast: still (nearly) the same structure
+    mean_shift, _ = structure_fidelity((0.5 * clips + 0.2).clamp(-1, 1), clips, edges, size=8)
+    assert mean_shift > 0.95
+    # other photos' layouts correlate far less; by hand: Pearson of the 8x8 area-pooled Sobel maps
+    other = torch.stack([_clip_of(b, c), _clip_of(a, b)])
+    mean_other, scores_other = structure_fidelity(other, clips, edges, size=8)
+    assert mean_other < 0.6
+    ma = torch.nn.functional.adaptive_avg_pool2d(edges(b[None]), 8).flatten()
+    mb = torch.nn.functional.adaptive_avg_pool2d(edges(a[None]), 8).flatten()
+    r = torch.corrcoef(torch.stack([ma, mb]))[0, 1]
+    ma2 = torch.nn.functional.adaptive_avg_pool2d(edges(c[None]), 8).flatten()
+    mb2 = torch.nn.functional.adaptive_avg_pool2d(edges(b[None]), 8).flatten()
+    r2 = torch.corrcoef(torch.stack([ma2, mb2]))[0, 1]
+    assert abs(float(scores_other[0]) - float((r + r2) / 2)) < 1e-5
+    # a constant frame has no layout: correlation 0, not NaN
+    flat = torch.zeros_like(clips)
+    assert structure_fidelity(flat, clips, edges)[0] == 0.0
+    with pytest.raises(ValueError, match="reference clips must match"):
+        structure_fidelity(clips, clips[:1], edges)

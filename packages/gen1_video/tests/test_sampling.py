@@ -67,7 +67,7 @@ def test_omega_t_one_is_plain_classifier_free_guidance_in_one_doubled_call():
     assert torch.equal(out, ref)
     f.calls.clear()
     temporal_guidance(f, guidance_scale=2.0, temporal_scale=1.5, uncond={"context": null})(x, t, context=ctx)
-    assert sorted(f.calls) == [(2, False), (2, False), (2, True)]
+    assert sorted(f.calls) == [(2, True), (4, False)]  # [∅, c] in one video-mode call, + the image mode
     f.calls.clear()
     temporal_guidance(f, guidance_scale=0.0, temporal_scale=1.5, uncond={"context": null})(x, t, context=ctx)
     assert sorted(f.calls) == [(2, False), (2, True)]  # ω = 0: no conditional call at all

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from gencore.data import DataModule, VideoClips, read_frames, resize_center_crop, video_info
-from gencore.data.video import frames_to_tensor
+from gencore.data.video import frames_to_tensor, video_files
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,9 @@ class Gen1DataModule(DataModule):
             max_clips_per_video=max_clips_per_video,
             backend=backend,
         )
+        for named in (paths, val_paths):  # a missing file is a config mistake: refuse it now, not at setup
+            if named is not None:
+                video_files(named)
         k = images_per_clip if images is not None else 0
 
         def train() -> Dataset:

@@ -109,6 +109,8 @@ class Gen1VideoDiffusion(L.LightningModule):
         learning_rate / temporal_learning_rate (default: learning_rate) / weight_decay / scale_lr: AdamW.
         scale_by_std / scale_factor: the latent scale (LDM's): 1/std of the first batch's latents, or fixed.
         init_from: an image LDM (ldm run / export / pkg://) to start the spatial layers from.
+        structure_init_std: > 0 draws the structure channels' first-conv weights from N(0, std²) when training
+            starts (after ``init_from``) instead of leaving them at zero (``VideoUNetModel.init_structure_weights``).
         sample: defaults of ``generate`` / ``edit`` (``num_steps``, ``eta``, ``guidance_scale``, ``temporal_scale``,
             ``structure_level``, ``strength``, ``frame_by_frame``).
         n_buckets: timestep bins of the logged loss curves.
@@ -137,6 +139,7 @@ class Gen1VideoDiffusion(L.LightningModule):
         scale_by_std: bool = False,
         scale_factor: float = 1.0,
         init_from: str | None = None,
+        structure_init_std: float = 0.0,
         video_key: str = "video",
         image_key: str = "image",
         sample: dict[str, Any] | None = None,
@@ -156,6 +159,8 @@ class Gen1VideoDiffusion(L.LightningModule):
             raise ValueError(f"num_frames={num_frames} must be in [1, unet.max_frames={unet.max_frames}]")
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        if not structure_init_std >= 0:
+            raise ValueError(f"structure_init_std must be >= 0, got {structure_init_std}")
         if scale_by_std and scale_factor != 1.0:
             raise ValueError(f"scale_by_std estimates the latent scale: do not also give scale_factor={scale_factor}")
 
@@ -201,6 +206,7 @@ class Gen1VideoDiffusion(L.LightningModule):
         self.learning_rate, self.temporal_learning_rate = learning_rate, temporal_learning_rate
         self.weight_decay, self.scale_lr = weight_decay, scale_lr
         self.init_from = init_from
+        self.structure_init_std = float(structure_init_std)
         self.video_key, self.image_key = video_key, image_key
         self.sample_kwargs = _check_sample_options(sample or {})
         self.loss_buckets = {
@@ -274,8 +280,12 @@ class Gen1VideoDiffusion(L.LightningModule):
     # ---------------------------------------------------------------------------------------------- training
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.init_from:
+        if stage != "fit":
+            return
+        if self.init_from:
             self.load_image_ldm(self.init_from)
+        if self.structure_init_std > 0:  # before a resumed run's checkpoint replaces every weight
+            self.unet.init_structure_weights(self.structure_init_std)
 
     def load_image_ldm(self, path: str) -> None:
         """Start from the image LDM at ``path``: its UNet into the spatial layers, its latent scale (see the module
@@ -425,7 +435,8 @@ class Gen1VideoDiffusion(L.LightningModule):
             structure=structure,
             structure_level=level,
             guidance_scale=float(opts["guidance_scale"]),
-            temporal_scale=float(opts["temporal_scale"]),
+            # the image model on every frame has no video mode to guide towards: ω_t would only add passes
+            temporal_scale=1.0 if opts["frame_by_frame"] else float(opts["temporal_scale"]),
             eta=float(opts["eta"]),
             parameterization=self.parameterization,
             generator=generator,

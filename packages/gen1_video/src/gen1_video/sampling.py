@@ -16,7 +16,8 @@ spelled out in what we could check, so it is documented here and tested in its l
 be ε, x0 or v: the combination is linear, so it is the same for each.
 
 Cost per step: one call on the doubled batch [∅, c] when ω_t = 1 (gencore's classifier-free guidance); otherwise
-up to three calls on the batch (μ(z, c) unless ω = 0, μ(z, ∅), μ_π(z, ∅)).
+that call (as μ̃ = (1 − ω_t) μ_π(z, ∅) + ω_t [μ(z, ∅) + (ω / ω_t)(μ(z, c) − μ(z, ∅))]) plus one image-mode call
+μ_π(z, ∅).
 
 **Sampling.** :func:`sample_video` runs ldm's DDIM (:func:`ldm.sampling.ddim_sample`, over
 :func:`gencore.diffusion.ddim_plan` / ``ddim_step``) with this guided denoiser on video latents (B, C, T, h, w); the
@@ -71,7 +72,9 @@ def temporal_guidance(
         )
     video = functools.partial(denoise, image_mode=False)
     image = functools.partial(denoise, image_mode=True)
-    video_cfg = classifier_free_guidance(video, omega, uncond)  # μ(z, ∅) + ω (μ(z, c) − μ(z, ∅))
+    # μ̃ = (1 − ω_t) μ_π(z, ∅) + ω_t [μ(z, ∅) + (ω / ω_t)(μ(z, c) − μ(z, ∅))]: the same sum, with the two video terms
+    # in one classifier-free-guidance call on the doubled batch
+    video_cfg = classifier_free_guidance(video, omega / omega_t if omega_t != 0.0 else 0.0, uncond)
     if omega_t != 1.0:
         video_uncond = classifier_free_guidance(video, 0.0, uncond)  # μ(z, ∅)
         image_uncond = classifier_free_guidance(image, 0.0, uncond)  # μ_π(z, ∅)
@@ -82,11 +85,11 @@ def temporal_guidance(
         cond = kwargs if kwargs else (args[0] if args else None)
         if omega_t == 1.0:
             return call_denoiser(video_cfg, x, t, cond)
-        mu_u = call_denoiser(video_uncond, x, t, cond)
-        mu_pi_u = call_denoiser(image_uncond, x, t, cond)
-        out = mu_pi_u + omega_t * (mu_u - mu_pi_u)
-        if omega != 0.0:
-            out = out + omega * (call_denoiser(video, x, t, cond) - mu_u)
+        out = (1.0 - omega_t) * call_denoiser(image_uncond, x, t, cond)
+        if omega_t != 0.0:
+            out = out + omega_t * call_denoiser(video_cfg, x, t, cond)
+        elif omega != 0.0:  # ω_t = 0: the frame-wise model, plus ω (μ(z, c) − μ(z, ∅)) of the video model
+            out = out + omega * (call_denoiser(video, x, t, cond) - call_denoiser(video_uncond, x, t, cond))
         return out
 
     return guided

@@ -169,9 +169,10 @@ def _as_rgb(videos: torch.Tensor) -> torch.Tensor:
 def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     """``gen1-eval``: for each t_s in ``structure_levels`` and ω_t in ``temporal_scales`` (and the frame-by-frame
     image model at each t_s), edit ``num_samples`` real clips with another clip's content (the same noise for every
-    row) and score frame consistency and content consistency with ``encoder``; plus the input clips' own frame
-    consistency. Writes metrics.json."""
-    from gen1_video.metrics import frame_consistency, prompt_consistency
+    row) and score frame consistency and content consistency with ``encoder``, and structure fidelity (the output's
+    structure maps against the input clip's and against the content clip's, on the latent grid); plus the input
+    clips' own frame consistency and the structure fidelity of two unrelated clips (chance). Writes metrics.json."""
+    from gen1_video.metrics import frame_consistency, prompt_consistency, structure_fidelity
 
     cfg = _cfg(cfg)
     module = load_model(cfg)
@@ -196,8 +197,14 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
         if cfg.get("frame_by_frame", True):
             rows.append((f"frame_by_frame_ts{ts}", {"structure_level": ts, "frame_by_frame": True}))
     metrics: dict[str, dict[str, float]] = {}
+    content_clips = videos.roll(-1, dims=0)  # the clips the content images come from
+
+    def fidelity(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return structure_fidelity(_as_rgb(out), _as_rgb(ref), module.structure, size=module.latent_size)[0]
+
     fc_in, _ = frame_consistency(_as_rgb(videos), embed)
-    metrics["input"] = {"frame_consistency": fc_in}
+    # the chance level of structure fidelity: an input clip's layout against another clip's
+    metrics["input"] = {"frame_consistency": fc_in, "structure_fidelity_other_clip": fidelity(videos, content_clips)}
     for name, row in rows:
         t0 = time.perf_counter()
         out = torch.cat(
@@ -218,6 +225,8 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
         metrics[name] = {
             "frame_consistency": fc,
             "content_consistency": cc,
+            "structure_fidelity": fidelity(out, videos),  # the layout of the input clip (structure) ...
+            "structure_fidelity_content_clip": fidelity(out, content_clips),  # ... or of the content's clip
             "seconds_per_frame": seconds / (out.shape[0] * out.shape[2]),
         }
         log.info("%s: %s", name, metrics[name])

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gencore.data.fashion_mnist import FashionMNIST, find_fashion_mnist
 from gencore.data.images import SKIMAGE_PHOTOS, ImageFolder, SkimagePhotos
-from gencore.data.video import VideoClips
+from gencore.data.video import VideoClips, video_files
 from gencore.resume import ResumableSampler
 
 __all__ = [
@@ -222,6 +222,9 @@ class VideoDataModule(DataModule):
         val_fraction: float = 0.1,
         **loader_kwargs: Any,
     ) -> None:
+        for named in (paths, val_paths):  # a missing file is a config mistake: refused now, not at setup
+            if named is not None:
+                video_files(named)
         common = dict(num_frames=num_frames, stride=stride, fps=fps, size=size, clip_step=clip_step, backend=backend)
         super().__init__(
             train=lambda: VideoClips(paths, random_flip=random_flip, **common),

@@ -42,6 +42,7 @@ __all__ = [
     "frames_to_tensor",
     "opencv_sample_videos",
     "read_frames",
+    "video_files",
     "video_info",
 ]
 
@@ -305,6 +306,24 @@ def _read_frames(path: str, idx: list[int], backend: str) -> np.ndarray:
     return np.stack(frames)
 
 
+def video_files(paths: Any = None) -> list[Path]:
+    """The video files ``paths`` names: None = the opencv-doc samples, a folder = its video files (recursively), else
+    one path or a list of paths. A named path that does not exist raises FileNotFoundError (a mistake in the
+    config, not a damaged file to skip); a folder without videos raises DataReadError."""
+    if paths is None:
+        return opencv_sample_videos()
+    if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
+        files = sorted(p for p in Path(paths).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    else:
+        files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not files:
+        raise DataReadError(f"VideoClips: no video files in {paths}")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"VideoClips: no such video file(s): {', '.join(missing)}")
+    return files
+
+
 class VideoClips(RobustItems, Dataset):
     """Fixed-length clips from a set of videos.
 
@@ -344,14 +363,7 @@ class VideoClips(RobustItems, Dataset):
         if clip_step is not None and clip_step < 1:
             raise ValueError(f"VideoClips: clip_step must be >= 1, got {clip_step}")
         self.backend = _resolve_backend(backend)
-        if paths is None:
-            files = opencv_sample_videos()
-        elif isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
-            files = sorted(p for p in Path(paths).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-        else:
-            files = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-        if not files:
-            raise DataReadError(f"VideoClips: no video files in {paths}")
+        files = video_files(paths)
         self.num_frames, self.size, self.random_flip = num_frames, size, random_flip
         self.videos: list[VideoInfo] = []
         self.notes: dict[str, str] = {}  # path -> why it is read differently (OpenCV fallback, cut last frame)

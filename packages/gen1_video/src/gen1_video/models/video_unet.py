@@ -396,6 +396,17 @@ class VideoUNetModel(UNetModel):
             self, selected, ignore_prefixes=ignore_prefixes, allow_missing=TEMPORAL_PREFIXES, source=source
         )
 
+    @torch.no_grad()
+    def init_structure_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Draw the first convolution's structure-channel weights from N(0, std²) (they start at zero). A non-zero
+        start lets the layers downstream see the structure from the first step, where zero weights leave it to
+        grow out of a weak gradient; the model then no longer equals the image model at initialisation."""
+        if not std >= 0:
+            raise ValueError(f"std must be >= 0, got {std}")
+        w = self.input_blocks[0][0].weight
+        noise = torch.randn(w[:, self.latent_channels :].shape, generator=generator, device="cpu", dtype=torch.float32)
+        w[:, self.latent_channels :] = (std * noise).to(w)
+
     def temporal_parameters(self) -> list[nn.Parameter]:
         """Parameters of the temporal layers (e.g. to train only them, or give them their own learning rate)."""
         return [p for n, p in self.named_parameters() if n.startswith(TEMPORAL_PREFIXES[:3])]
