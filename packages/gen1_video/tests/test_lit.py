@@ -174,3 +174,20 @@ def test_edit_and_generate(clips):
     res = m.generate(2, videos=clips, generator=g())
     assert res["images"].shape == (2, 3, 4, 8, 8) and res["sources"].shape == (2, 3, 4, 8, 8)
     torch.testing.assert_close(res["content"], clips[:2, :, 2].roll(-1, 0))
+
+
+def test_source_clips_take_the_videos_in_turn(tmp_path):
+    from gen1_video.data import read_video, write_video
+
+    m = _module()
+    other = tmp_path / "vtest_start.mp4"  # a short second video: the first 40 frames of vtest.avi
+    write_video(read_video(OPENCV_SAMPLES / "vtest.avi", 40, size=16)[0], other, fps=10)
+    out = m.source_clips(5, [TREE, other])
+    assert out.shape == (5, 3, 4, 8, 8)
+    own = {p.name: torch.stack([c["video"] for c in Clips([p], num_frames=4, stride=1, size=8)]) for p in (TREE, other)}
+
+    def video_of(clip: torch.Tensor) -> str:
+        return next(name for name, clips in own.items() if any(torch.equal(clip, c) for c in clips))
+
+    assert [video_of(c) for c in out] == ["tree.avi", "vtest_start.mp4"] * 2 + ["tree.avi"]
+    assert not torch.equal(out[0], out[2]) and not torch.equal(out[1], out[3])  # spread within each video

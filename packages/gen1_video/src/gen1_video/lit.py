@@ -444,8 +444,9 @@ class Gen1VideoDiffusion(L.LightningModule):
         return self.decode(z)
 
     def source_clips(self, n: int, paths: Any = None) -> Tensor:
-        """``n`` clips of the module's length, size and channels, spread evenly over the videos at ``paths``
-        (default: the opencv-doc samples): (n, C, T, H, W)."""
+        """``n`` clips of the module's length, size and channels from the videos at ``paths`` (default: the opencv-doc
+        samples), taken from the videos in turn (clip j from video j mod V, evenly spread within it), so that
+        neighbouring clips come from different videos: (n, C, T, H, W)."""
         from gen1_video.data import Clips
 
         clips = Clips(
@@ -455,8 +456,16 @@ class Gen1VideoDiffusion(L.LightningModule):
             size=self.image_size,
             channels=self.image_channels,
         )
-        pick = torch.linspace(0, len(clips) - 1, n).round().long().tolist()
-        return torch.stack([clips[i]["video"] for i in pick])
+        per_video: dict[int, list[int]] = {}
+        for i, (v, _, _) in enumerate(clips.clips):
+            per_video.setdefault(v, []).append(i)
+        videos = list(per_video.values())
+        pick = []
+        for v, own in enumerate(videos):
+            k = len(range(v, n, len(videos)))  # clips j = v, v + V, ... come from this video
+            pick.append([own[int(i)] for i in torch.linspace(0, len(own) - 1, k).round().long()] if k else [])
+        order = [pick[j % len(videos)][j // len(videos)] for j in range(n)]
+        return torch.stack([clips[i]["video"] for i in order])
 
     @torch.no_grad()
     def generate(
@@ -470,9 +479,9 @@ class Gen1VideoDiffusion(L.LightningModule):
         **options: Any,
     ) -> dict[str, Tensor]:
         """``n`` edited clips (``gencore.run.sample``'s call): structure from ``videos`` (default: :meth:`source_clips`
-        of ``paths``), content from ``content_images`` (default: the middle frame of the next clip, so the content
-        comes from another clip than the structure). Returns ``{"images": (n, C, T, H, W), "sources": the input
-        clips, "content": the content images}``; ``options`` as :meth:`edit`."""
+        of ``paths``), content from ``content_images`` (default: the middle frame of the next clip: another clip than
+        the structure's, of another video when there are several). Returns ``{"images": (n, C, T, H, W), "sources":
+        the input clips, "content": the content images}``; ``options`` as :meth:`edit`."""
         videos = self.source_clips(n, paths) if videos is None else videos[:n]
         videos = videos.to(self.device)
         if content_images is None:

@@ -100,8 +100,9 @@ def _generator(module: Any, seed: int) -> torch.Generator:
 
 
 def sample(cfg: Any) -> Path:
-    """``gen1-sample``: ``num_samples`` source clips (spread over the videos of ``paths``) re-rendered with the content
-    of the next clip's middle frame; grid.png (rows: clips), samples.npz (``images``, ``sources``), sample_<i>.mp4."""
+    """``gen1-sample``: ``num_samples`` source clips (the videos of ``paths`` in turn) re-rendered with the content of
+    the next clip's middle frame (another video's); grid.png (rows: clips), samples.npz (``images``, ``sources``),
+    sample_<i>.mp4."""
     from gen1_video.data import write_video
 
     cfg = _cfg(cfg)
