@@ -53,6 +53,7 @@ CASES = [
     ("gen1_video", GEN1, "+module.unet.max_structure_level=-1", r"max_structure_level must be >= 0"),
     ("gen1_video", GEN1, "datamodule.paths=[/nowhere.mp4]", r"no such video file\(s\): /nowhere\.mp4"),
     ("gen1_video", GEN1, "+module.structure_init_std=-0.1", r"structure_init_std must be >= 0"),
+    ("gen1_video", GEN1, "+module.content_augment=1.5", r"content_augment must be in \[0, 1\)"),
 ]
 
 

@@ -1,7 +1,7 @@
 """Every checkpoint shipped inside a package (``packages/*/src/<pkg>/checkpoints/<name>/``) loads through its
 ``pkg://`` path with nothing else on disk, says how it was made, stays small, and still does its job: a generative
 model samples one batch that the Fashion-MNIST classifier reads as the classes asked for (well above the 0.1 of
-chance), an autoencoder reconstructs test images."""
+chance), an autoencoder reconstructs test images, a video editor follows its input clips' layout."""
 
 from __future__ import annotations
 
@@ -48,7 +48,17 @@ def test_shipped_checkpoint_loads_and_works(folder):
     assert "runs/" not in module_node and str(ROOT) not in module_node  # no path to a local run
     module = run.load_module(pkg_path(folder))
     torch.manual_seed(0)
-    if hasattr(module, "generate"):
+    if hasattr(module, "edit"):  # a video editor (gen1_video): edits follow their input's layout
+        from gen1_video.metrics import structure_fidelity
+
+        out = module.generate(4, num_steps=20, generator=torch.Generator().manual_seed(0))
+        edited, sources = out["images"], out["sources"]
+        assert edited.shape == sources.shape == (4, 1, module.num_frames, 32, 32) and torch.isfinite(edited).all()
+        rgb = [x.expand(-1, 3, -1, -1, -1) for x in (edited, sources, sources.roll(-1, dims=0))]
+        follows, _ = structure_fidelity(rgb[0], rgb[1], module.structure, size=module.latent_size)
+        other, _ = structure_fidelity(rgb[0], rgb[2], module.structure, size=module.latent_size)
+        assert follows > other + 0.1  # the input's layout, not the content clip's
+    elif hasattr(module, "generate"):
         from gencore.metrics import class_accuracy
 
         out = run.generate(module, 20, batch_size=20, labels=list(range(10)))

@@ -191,3 +191,19 @@ def test_source_clips_take_the_videos_in_turn(tmp_path):
 
     assert [video_of(c) for c in out] == ["tree.avi", "vtest_start.mp4"] * 2 + ["tree.avi"]
     assert not torch.equal(out[0], out[2]) and not torch.equal(out[1], out[3])  # spread within each video
+
+
+def test_content_augmentation_moves_the_content_frame(clips):
+    frames = clips[:, :, 0]  # (4, 3, 8, 8) real frames
+    tiny = _module(content_augment=1e-6)  # no zoom or shift: each frame as it is, or mirrored
+    out = tiny.augment_content(frames, generator=torch.Generator().manual_seed(0))
+    for x, y in zip(frames, out):
+        assert min((y - x).abs().max(), (y - x.flip(-1)).abs().max()) < 1e-4
+    m = _module(content_augment=0.3)
+    a = m.augment_content(frames, generator=torch.Generator().manual_seed(1))
+    b = m.augment_content(frames, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == frames.shape
+    assert all(min((y - x).abs().max(), (y - x.flip(-1)).abs().max()) > 0.05 for x, y in zip(frames, a))
+    assert a.min() >= frames.min() - 1e-5 and a.max() <= frames.max() + 1e-5  # resampled, reflected borders
+    with pytest.raises(ValueError, match="content_augment"):
+        _module(content_augment=1.0)

@@ -35,6 +35,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -111,6 +112,9 @@ class Gen1VideoDiffusion(L.LightningModule):
         init_from: an image LDM (ldm run / export / pkg://) to start the spatial layers from.
         structure_init_std: > 0 draws the structure channels' first-conv weights from N(0, std²) when training
             starts (after ``init_from``) instead of leaving them at zero (``VideoUNetModel.init_structure_weights``).
+        content_augment: > 0 moves the content frame at random in training (:meth:`augment_content`: zoom up to
+            1 / (1 − a), shift up to a, horizontal flip), so its embedding cannot carry the clip's exact layout (ours,
+            not the paper's: CLIP embeddings carry little layout; an encoder trained with the model learns to).
         sample: defaults of ``generate`` / ``edit`` (``num_steps``, ``eta``, ``guidance_scale``, ``temporal_scale``,
             ``structure_level``, ``strength``, ``frame_by_frame``).
         n_buckets: timestep bins of the logged loss curves.
@@ -140,6 +144,7 @@ class Gen1VideoDiffusion(L.LightningModule):
         scale_factor: float = 1.0,
         init_from: str | None = None,
         structure_init_std: float = 0.0,
+        content_augment: float = 0.0,
         video_key: str = "video",
         image_key: str = "image",
         sample: dict[str, Any] | None = None,
@@ -159,6 +164,8 @@ class Gen1VideoDiffusion(L.LightningModule):
             raise ValueError(f"num_frames={num_frames} must be in [1, unet.max_frames={unet.max_frames}]")
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        if not 0.0 <= content_augment < 1.0:
+            raise ValueError(f"content_augment must be in [0, 1) (0: off), got {content_augment}")
         if not structure_init_std >= 0:
             raise ValueError(f"structure_init_std must be >= 0, got {structure_init_std}")
         if scale_by_std and scale_factor != 1.0:
@@ -207,6 +214,7 @@ class Gen1VideoDiffusion(L.LightningModule):
         self.weight_decay, self.scale_lr = weight_decay, scale_lr
         self.init_from = init_from
         self.structure_init_std = float(structure_init_std)
+        self.content_augment = float(content_augment)
         self.video_key, self.image_key = video_key, image_key
         self.sample_kwargs = _check_sample_options(sample or {})
         self.loss_buckets = {
@@ -322,7 +330,10 @@ class Gen1VideoDiffusion(L.LightningModule):
         level = torch.randint(0, self.max_structure_level + 1, (b,), device=self.device, generator=generator)
         structure = self.structure_input(clips, level)
         frame = random_frame_index(b, t, device=self.device, generator=generator)
-        content = self.encode_content(select_frames(clips, frame))  # (B, L, D)
+        content_images = select_frames(clips, frame)
+        if split == "train" and self.content_augment > 0:
+            content_images = self.augment_content(content_images, generator=generator)
+        content = self.encode_content(content_images)  # (B, L, D)
         if split == "train" and self.p_uncond > 0:
             content, _ = drop_condition(content, self.null_content(1), self.p_uncond)
         cond = {"context": content, "structure": structure, "structure_level": level}
@@ -336,6 +347,21 @@ class Gen1VideoDiffusion(L.LightningModule):
         buckets = None if image_mode else self.loss_buckets[split]
         loss, _ = self.loss_fn(denoise, z, cond, buckets=buckets, **kw)
         return loss
+
+    def augment_content(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Content images (N, C, H, W), each zoomed by 1 / s with s ~ U[1 − a, 1], shifted by up to ±a (of the half
+        width, in each direction), flipped left-right with probability 1/2 (a = ``content_augment``; reflected
+        borders). Drawn on the device: no host sync."""
+        n, a = images.shape[0], self.content_augment
+        where = generator.device if generator is not None else images.device
+        u = torch.rand(n, 4, generator=generator, device=where).to(images.device, torch.float32)
+        scale = 1.0 - a * u[:, 0]
+        flip = torch.where(u[:, 3] < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3, device=images.device)
+        theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
+        theta[:, 0, 2], theta[:, 1, 2] = a * (2 * u[:, 1] - 1), a * (2 * u[:, 2] - 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images.float(), grid, padding_mode="reflection", align_corners=False).to(images.dtype)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.image_ratio > 0 and is_image_step(self.global_step, self.image_ratio):
