@@ -146,3 +146,20 @@ def test_edit_bad_input_is_one_clear_error(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"nowhere.*does not exist"):
         tasks.edit(compose(CONFIGS, "edit", [f"checkpoint={tmp_path / 'nowhere'}", f"input={TREE}", f"image={FRUITS}"]))
     assert not (tmp_path / "x").exists()  # failed edits leave nothing behind
+
+
+def test_edit_content_can_be_a_frame_of_another_video(trained, tmp_path):
+    import torch
+
+    from gen1_video import tasks
+
+    cfg = compose(CONFIGS, "edit", [f"checkpoint={trained}", f"input={TREE}", f"image={TREE}", "image_frame=30"])
+    module = tasks.load_model(cfg)
+    context, image = tasks._content_from(cfg, module)
+    frame = read_video(TREE, 1, start=30, size=module.image_size, channels=module.image_channels)[0]
+    torch.testing.assert_close(image, frame.permute(1, 0, 2, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(context, module.encode_content(frame.permute(1, 0, 2, 3)))
+    cfg.image_frame = 500  # past the end of tree.avi (68 frames)
+    with pytest.raises(ValueError, match="tree.avi"):
+        tasks._content_from(cfg, module)

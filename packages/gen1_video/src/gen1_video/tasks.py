@@ -242,6 +242,7 @@ def _content_from(cfg: DictConfig, module: Any) -> tuple[torch.Tensor, torch.Ten
     """(context (1, L, D), the content image (1, C, H, W) or None for a prompt)."""
     from gencore.data import load_image, resize_center_crop
     from gencore.data.images import to_model_range
+    from gencore.data.video import VIDEO_EXTENSIONS
 
     prompt, image = cfg.get("prompt"), cfg.get("image")
     if (prompt is None) == (image is None):
@@ -256,12 +257,20 @@ def _content_from(cfg: DictConfig, module: Any) -> tuple[torch.Tensor, torch.Ten
     path = Path(str(image))
     if not path.is_file():
         raise FileNotFoundError(f"content image {path} does not exist")
-    try:
-        array = load_image(path, channels=module.image_channels)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read content image {path}: {err}") from err
-    x = to_model_range(array)  # (C, H, W) in [-1, 1]
-    x = resize_center_crop(x, module.image_size)[None].to(module.device)
+    if path.suffix.lower() in VIDEO_EXTENSIONS:  # a frame of another video: image_frame
+        from gen1_video.data import read_video
+
+        frame, _ = read_video(
+            path, 1, start=int(cfg.get("image_frame") or 0), size=module.image_size, channels=module.image_channels
+        )
+        x = frame.permute(1, 0, 2, 3).to(module.device)  # (1, C, H, W)
+    else:
+        try:
+            array = load_image(path, channels=module.image_channels)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read content image {path}: {err}") from err
+        x = to_model_range(array)  # (C, H, W) in [-1, 1]
+        x = resize_center_crop(x, module.image_size)[None].to(module.device)
     with torch.no_grad():
         return module.encode_content(x), x
 
