@@ -120,6 +120,8 @@ def test_edit_cli_writes_mp4_and_strip(trained, tmp_path):
 
     with Image.open(out / "strip.png") as im:
         assert im.width > im.height  # 4 frames across, input and edit in two rows
+    with Image.open(out / "edit.gif") as im:
+        assert im.n_frames == 4 and im.width > im.height  # input | edit, 4 frames
 
 
 def test_edit_bad_input_is_one_clear_error(trained, tmp_path):

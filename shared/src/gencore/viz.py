@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["make_grid", "save_grid", "save_panels", "to_uint8"]
+__all__ = ["make_grid", "save_gif", "save_grid", "save_panels", "to_uint8"]
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -103,4 +103,24 @@ def save_panels(
     path = Path(path)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
+    return path
+
+
+def save_gif(videos: Tensor, path: str | os.PathLike, fps: float = 8.0, *, scale: int = 1) -> Path:
+    """Clips (B, C, T, H, W) in [-1, 1] side by side (frame t of every clip in one row) as an animated GIF that loops,
+    enlarged ``scale`` times (nearest neighbour); written atomically. A GIF plays wherever an image shows (a browser
+    page, a README), where an mp4's codec may not."""
+
+    from gencore.io import atomic_path
+
+    if not isinstance(videos, Tensor) or videos.dim() != 5:
+        raise ValueError(f"save_gif: expected clips (B, C, T, H, W), got {getattr(videos, 'shape', videos)}")
+    if fps <= 0 or scale < 1:
+        raise ValueError(f"save_gif: need fps > 0 and scale >= 1, got {fps}, {scale}")
+    frames = [_grid_image(videos[:, :, t], videos.shape[0], scale) for t in range(videos.shape[2])]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
+        )
     return path

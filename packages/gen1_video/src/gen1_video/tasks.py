@@ -278,9 +278,10 @@ def _content_from(cfg: DictConfig, module: Any) -> tuple[torch.Tensor, torch.Ten
 def edit(cfg: Any) -> Path:
     """``gen1-edit``: read ``input`` (decord, OpenCV fallback) at the model's size, edit it (structure of the input at
     level ``ts``, content from ``image`` / ``prompt``, guidance ``omega``, temporal guidance ``omega_t``, DDIM from
-    noise at ``strength``), write edited.mp4, input.mp4 and strip.png (rows: input frames, edited frames)."""
+    noise at ``strength``), write edited.mp4, input.mp4, strip.png (rows: input frames, edited frames) and edit.gif
+    (input and edit side by side, playing)."""
     from gen1_video.data import read_video, write_video
-    from gencore.viz import save_grid
+    from gencore.viz import save_gif, save_grid
 
     cfg = _cfg(cfg)
     ts = cfg.get("ts")
@@ -318,10 +319,12 @@ def edit(cfg: Any) -> Path:
     )
     seconds = time.perf_counter() - t0
     out_dir = Path(str(cfg.out_dir))
+    fps = fps / int(cfg.get("stride", 1))  # every stride-th frame: played at the input's speed
     write_video(edited[0].cpu(), out_dir / "edited.mp4", fps=fps)
     write_video(video[0].cpu(), out_dir / "input.mp4", fps=fps)
     rows = torch.cat([video, edited]).cpu()
     save_grid(rows, out_dir / "strip.png", nrow=rows.shape[2])
+    save_gif(rows, out_dir / "edit.gif", fps=fps, scale=max(1, 128 // module.image_size))  # input | edit, playing
     log.info(
         "edited %d frames of %s (t_s=%d, omega_t=%g, omega=%g) in %.1f s: %s",
         video.shape[2],
