@@ -27,15 +27,15 @@ no_grad forward and for the fwd+bwd. Given in the note, in MiB with the ratio.
 
 **Seconds per edited frame**, end to end: the wall time of one ``Gen1VideoDiffusion.edit`` call (encode, Sobel
 structure at t_s 2, 20 DDIM steps with content guidance ω 3 and temporal guidance ω_t 1.5, decode) on one real
-16-frame clip divided by its 16 frames; 32x32 grey frames (8x8x4 latents): the first 16 frames (every 2nd) of the
-opencv-doc ``vtest.avi``, content from its frame 400. The module is the ``opencv_toy`` experiment's (``fmnist_toy``
-video UNet with channel_mult [1, 1] and its 16-frame position table, random weights, over the shipped
-``pkg://ldm/checkpoints/autoencoder_fmnist`` KL-f4 and a ConvContentEncoder; fixed latent scale 1.0: no shipped
-Gen-1 checkpoint exists). Reference: the paper's frame-by-frame baseline, the same call with ``frame_by_frame=True``
-(the image model on every frame: one doubled-batch pass per DDIM step; ``edit`` ignores ω_t there, as the image
-model has no video mode to guide towards). Rows: ours at ω_t 1.5 (three passes per step: video with and without
-content, image mode without) and at ω_t 1 (plain classifier-free guidance). The note gives the UNet calls per DDIM
-step of each and the GFLOP per frame.
+8-frame clip (the shipped model's clip length) divided by its 8 frames; 32x32 grey frames (8x8x4 latents): the first
+8 frames (every 2nd) of the opencv-doc ``vtest.avi``, content from its frame 400. The module is the shipped toy model
+``pkg://gen1_video/checkpoints/gen1_toy`` (the ``opencv_toy`` experiment: ``fmnist_toy`` video UNet with channel_mult
+[1, 1] and an 8-frame position table, over the shipped ``pkg://ldm/checkpoints/autoencoder_fmnist`` KL-f4, a
+ConvContentEncoder). Reference: the paper's frame-by-frame baseline, the same call with ``frame_by_frame=True`` (the
+image model on every frame: one doubled-batch pass per DDIM step; ``edit`` ignores ω_t there, as the image model has
+no video mode to guide towards). Rows: ours at ω_t 1.5 (two passes per step: video with and without content as one
+doubled batch, image mode without content) and at ω_t 1 (plain classifier-free guidance: one doubled batch). The note
+gives the UNet calls per DDIM step of each and the GFLOP per frame.
 
 Timing (``bench/_harness.py``): the FLOP-counted run is the warm-up, then the median (min-max) of 3 runs; the thread
 count is torch's default unless OMP_NUM_THREADS sets it. Everything runs on CUDA when it is available, else on the CPU.
@@ -56,16 +56,15 @@ from _harness import append_results, count_flops, matmul_rate, row, sync, timeit
 from diffusers import UNet3DConditionModel
 from torch import Tensor, nn
 
-from gen1_video.content import ConvContentEncoder
 from gen1_video.data import read_video
 from gen1_video.lit import Gen1VideoDiffusion
-from gen1_video.models.video_unet import VideoUNetModel, video_unet_from_preset
-from gen1_video.structure import structure_estimator
+from gen1_video.models.video_unet import VideoUNetModel
+from gencore.run import load_module
 from gencore.testing import randomize_parameters
-from ldm.first_stage import kl_codec
 from ldm.models.unet import UNET_PRESETS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CHECKPOINT = "pkg://gen1_video/checkpoints/gen1_toy"
 OURS_CONFIG = dict(UNET_PRESETS["bench"], structure_channels=1, max_frames=16, temporal_conv_layers=4, temporal_depth=1)
 REF_CONFIG = dict(
     sample_size=32,
@@ -210,21 +209,11 @@ def unet_rows(frames: int, size: int, warmup: int, runs: int, rate: float) -> tu
 
 
 def build_editor() -> Gen1VideoDiffusion:
-    """The opencv_toy experiment's module (16-frame position table), random UNet weights, fixed latent scale."""
-    torch.manual_seed(0)
-    unet = randomize_parameters(video_unet_from_preset("fmnist_toy", channel_mult=[1, 1]), seed=0)
-    module = Gen1VideoDiffusion(
-        unet,
-        kl_codec("pkg://ldm/checkpoints/autoencoder_fmnist"),
-        structure_estimator("sobel"),
-        ConvContentEncoder(context_dim=384, image_size=32, channels=[32, 64, 128]),
-        image_channels=1,
-        image_size=32,
-        num_frames=16,
-        schedule=dict(beta_schedule="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0195),
-        parameterization="eps",
-        scale_factor=1.0,
-    )
+    """The shipped toy model (``pkg://gen1_video/checkpoints/gen1_toy``: the opencv_toy experiment, 16-frame position
+    table), eval mode."""
+    module = load_module(CHECKPOINT)
+    if not isinstance(module, Gen1VideoDiffusion):
+        raise TypeError(f"{CHECKPOINT} holds a {type(module).__name__}, not a Gen1VideoDiffusion")
     return module.eval().to(DEVICE)
 
 
@@ -257,6 +246,7 @@ def describe_calls(calls: list[tuple[int, bool]], steps: int) -> str:
 def edit_rows(frames: int, steps: int, warmup: int, runs: int, rate: float) -> tuple[list[str], str]:
     """Ours vs frame-by-frame at ω_t 1.5 and 1; the FLOP-counted run doubles as the first warm-up run."""
     module = build_editor()
+    frames = min(frames, module.unet.max_frames)  # the shipped toy edits clips of up to 8 frames
     video, _ = read_video(VIDEO, frames, stride=2, size=32, channels=1)  # (1, T, 32, 32)
     content_frame, _ = read_video(VIDEO, 1, start=400, size=32, channels=1)  # (1, 1, 32, 32)
     video = video[None].to(DEVICE)  # (1, 1, T, 32, 32)

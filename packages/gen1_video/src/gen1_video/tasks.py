@@ -170,7 +170,8 @@ def _as_rgb(videos: torch.Tensor) -> torch.Tensor:
 def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     """``gen1-eval``: for each t_s in ``structure_levels`` and ω_t in ``temporal_scales`` (and the frame-by-frame
     image model at each t_s), edit ``num_samples`` real clips with another clip's content (the same noise for every
-    row) and score frame consistency and content consistency with ``encoder``, and structure fidelity (the output's
+    row) and score frame consistency and content consistency with ``encoder`` (also against another clip's content
+    image: how much the given content matters), and structure fidelity (the output's
     structure maps against the input clip's and against the content clip's, on the latent grid); plus the input
     clips' own frame consistency and the structure fidelity of two unrelated clips (chance). Writes metrics.json."""
     from gen1_video.metrics import frame_consistency, prompt_consistency, structure_fidelity
@@ -223,9 +224,11 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
         seconds = time.perf_counter() - t0
         fc, _ = frame_consistency(_as_rgb(out), embed)
         cc, _ = prompt_consistency(_as_rgb(out), reference, embed)
+        cc_other, _ = prompt_consistency(_as_rgb(out), reference.roll(-1, dims=0), embed)  # another clip's content
         metrics[name] = {
             "frame_consistency": fc,
             "content_consistency": cc,
+            "content_consistency_other": cc_other,  # the chance level: against the content image of another clip
             "structure_fidelity": fidelity(out, videos),  # the layout of the input clip (structure) ...
             "structure_fidelity_content_clip": fidelity(out, content_clips),  # ... or of the content's clip
             "seconds_per_frame": seconds / (out.shape[0] * out.shape[2]),
