@@ -21,6 +21,7 @@ the weights (EMA if present) are exported with ``gencore.io.export`` to ``<run_d
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -656,7 +657,26 @@ def process_state(device: str | torch.device | None = "auto") -> Any:
 
     wanted = None if device in (None, "auto") else torch.device(device)
     cpu = not torch.cuda.is_available() if wanted is None else wanted.type == "cpu"
-    return PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu)
+    if state.num_processes > 1:
+        _destroy_group_at_exit()
+    return state
+
+
+@functools.cache
+def _destroy_group_at_exit() -> None:
+    """Tear the process group down when the interpreter exits: a gloo group left to the C++
+    destructors at teardown sometimes aborts the process ("terminate called without an active exception"), which
+    torchrun reports as a failed run although every sample was written. Registered once per process."""
+    import atexit
+
+    import torch.distributed as dist
+
+    def destroy() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 @torch.no_grad()
