@@ -120,7 +120,5 @@ def save_gif(videos: Tensor, path: str | os.PathLike, fps: float = 8.0, *, scale
     frames = [_grid_image(videos[:, :, t], videos.shape[0], scale) for t in range(videos.shape[2])]
     path = Path(path)
     with atomic_path(path) as tmp:
-        frames[0].save(
-            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
-        )
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     return path
