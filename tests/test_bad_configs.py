@@ -46,6 +46,8 @@ CASES = [
     ("sd3_flow", SD3, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
     ("sd3_flow", SD3, "trainer.max_steps=-5", r"trainer\.max_steps: -5 trains nothing"),
     ("gen1_video", GEN1, "datamodule.size=16", r"datamodule\.size=16 but module\.image_size=8"),
+    # a recipe that trains its first stage first: the mismatch is found from the config, before that stage runs
+    ("gen1_video", ["experiment=opencv_toy"], "datamodule.size=16", r"datamodule\.size=16 but module\.image_size=32"),
     ("gen1_video", GEN1, "datamodule.num_frames=12", r"num_frames=12 exceeds the unet's max_frames=8"),
     ("gen1_video", GEN1, "module.image_ratio=0.5", r"image_ratio=0\.5 needs image batches"),
     ("gen1_video", GEN1, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),

@@ -109,12 +109,14 @@ def test_edit_cli_writes_mp4_and_strip(trained, tmp_path):
         "ts=2",
         "omega_t=1.5",
         "num_steps=4",
+        "stride=2",
         f"out_dir={out}",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    edited, _ = read_video(out / "edited.mp4")
+    edited, fps = read_video(out / "edited.mp4")
     assert edited.shape[1] == 4 and edited.std() > 0  # the model's 4 frames
+    assert abs(fps - 15.0 / 2) < 0.01  # every 2nd frame of a 15 fps video plays at the input's speed
     assert read_video(out / "input.mp4")[0].shape[1] == 4
     from PIL import Image
 

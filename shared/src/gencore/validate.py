@@ -201,8 +201,25 @@ def validate_config(cfg: Any) -> None:
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         errors.append(f"seed: expected an integer, got {seed!r}")
+    errors += _data_model_mismatches(cfg.get("module"), cfg.get("datamodule"))
     if errors:
         raise ConfigError(errors_message(errors))
+
+
+def _data_model_mismatches(module: Any, datamodule: Any) -> list[str]:
+    """The image size and channels the config gives both the data and the model, when they differ: found from the
+    config alone, so before any stage a recipe trains first (the built objects are checked again by check_fits)."""
+    if not isinstance(module, Mapping) or not isinstance(datamodule, Mapping):
+        return []
+    out = []
+    for data_keys, model_key in ((("image_size", "size"), "image_size"), (("channels",), "image_channels")):
+        want = module.get(model_key)
+        for key in data_keys:
+            got = datamodule.get(key)
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (want, got))
+            if ints and got != want:
+                out.append(f"datamodule.{key}={got} but module.{model_key}={want}")
+    return out
 
 
 def errors_message(errors: list[str]) -> str:

@@ -249,7 +249,7 @@ def _content_from(cfg: DictConfig, module: Any) -> tuple[torch.Tensor, torch.Ten
 
     prompt, image = cfg.get("prompt"), cfg.get("image")
     if (prompt is None) == (image is None):
-        raise ValueError("gen1-edit: give the content as prompt=<text> or image=<file> (one of them)")
+        raise ValueError("give the content as prompt=<text> or image=<file> (one of them)")
     if prompt is not None:
         if not hasattr(module.content, "encode_text"):
             raise ValueError(
@@ -322,7 +322,6 @@ def edit(cfg: Any) -> Path:
     )
     seconds = time.perf_counter() - t0
     out_dir = Path(str(cfg.out_dir))
-    fps = fps / int(cfg.get("stride", 1))  # every stride-th frame: played at the input's speed
     write_video(edited[0].cpu(), out_dir / "edited.mp4", fps=fps)
     write_video(video[0].cpu(), out_dir / "input.mp4", fps=fps)
     rows = torch.cat([video, edited]).cpu()
