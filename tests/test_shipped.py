@@ -50,14 +50,17 @@ def test_shipped_checkpoint_loads_and_works(folder):
     module = run.load_module(pkg_path(folder))
     torch.manual_seed(0)
     if hasattr(module, "edit"):  # a video editor (gen1_video): edits follow their input's layout
-        from gen1_video.metrics import structure_fidelity
+        from gen1_video.metrics import map_correlation, structure_maps
 
         out = module.generate(4, num_steps=20, generator=torch.Generator().manual_seed(0))
         edited, sources = out["images"], out["sources"]
         assert edited.shape == sources.shape == (4, 1, module.num_frames, 32, 32) and torch.isfinite(edited).all()
-        rgb = [x.expand(-1, 3, -1, -1, -1) for x in (edited, sources, sources.roll(-1, dims=0))]
-        follows, _ = structure_fidelity(rgb[0], rgb[1], module.structure, size=module.latent_size)
-        other, _ = structure_fidelity(rgb[0], rgb[2], module.structure, size=module.latent_size)
+        ours, theirs = (
+            structure_maps(x.expand(-1, 3, -1, -1, -1), module.structure, size=module.latent_size)
+            for x in (edited, sources)
+        )
+        follows, _ = map_correlation(ours, theirs)
+        other, _ = map_correlation(ours, theirs.roll(-1, dims=0))  # the content clips' layout
         assert follows > other + 0.1  # the input's layout, not the content clip's
     elif hasattr(module, "generate"):
         from gencore.metrics import class_accuracy

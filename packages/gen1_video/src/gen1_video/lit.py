@@ -486,11 +486,13 @@ class Gen1VideoDiffusion(L.LightningModule):
         for i, (v, _, _) in enumerate(clips.clips):
             per_video.setdefault(v, []).append(i)
         videos = list(per_video.values())
-        pick = []
-        for v, own in enumerate(videos):
-            k = len(range(v, n, len(videos)))  # clips j = v, v + V, ... come from this video
-            pick.append([own[int(i)] for i in torch.linspace(0, len(own) - 1, k).round().long()] if k else [])
-        order = [pick[j % len(videos)][j // len(videos)] for j in range(n)]
+        v_count = len(videos)
+        # clips j = v, v + V, ... come from video v, spread evenly over its clips
+        pick = [
+            [own[int(i)] for i in torch.linspace(0, len(own) - 1, len(range(v, n, v_count))).round().long()]
+            for v, own in enumerate(videos)
+        ]
+        order = [pick[j % v_count][j // v_count] for j in range(n)]
         return torch.stack([clips[i]["video"] for i in order])
 
     @torch.no_grad()

@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["frame_consistency", "frame_embeddings", "prompt_consistency", "structure_fidelity"]
+__all__ = [
+    "consecutive_similarity",
+    "frame_consistency",
+    "frame_embeddings",
+    "map_correlation",
+    "prompt_consistency",
+    "reference_similarity",
+    "structure_fidelity",
+    "structure_maps",
+]
 
 ImageEmbedder = Callable[[Tensor], Tensor]
 
@@ -57,13 +66,33 @@ def frame_embeddings(videos: Tensor, encoder: Any, *, batch_size: int = 64) -> T
     return out.reshape(b, t, -1)
 
 
+def consecutive_similarity(embeddings: Tensor) -> tuple[float, Tensor]:
+    """Frame consistency from frame embeddings (B, T, D) (:func:`frame_embeddings`): (mean over clips, per-clip mean
+    cosine similarity of consecutive frames (B,))."""
+    if embeddings.dim() != 3 or embeddings.shape[1] < 2:
+        raise ValueError(f"need frame embeddings (B, T >= 2, D), got shape {tuple(embeddings.shape)}")
+    scores = F.cosine_similarity(embeddings[:, 1:], embeddings[:, :-1], dim=-1).mean(dim=1)  # (B,)
+    return float(scores.mean()), scores
+
+
+def reference_similarity(embeddings: Tensor, reference: Tensor) -> tuple[float, Tensor]:
+    """Prompt / content consistency from frame embeddings (B, T, D) and one reference embedding per clip (B, D) or
+    one for all (D,): (mean over clips, per-clip mean cosine similarity of the frames with the reference (B,))."""
+    b, d = embeddings.shape[0], embeddings.shape[-1]
+    ref = reference.float()
+    if ref.dim() == 1:
+        ref = ref.expand(b, -1)
+    if ref.shape != (b, d):
+        raise ValueError(f"reference embeddings must be ({b}, {d}) or ({d},), got {tuple(reference.shape)}")
+    scores = F.cosine_similarity(embeddings, ref.to(embeddings.device)[:, None], dim=-1).mean(dim=1)  # (B,)
+    return float(scores.mean()), scores
+
+
 def frame_consistency(videos: Tensor, encoder: Any, *, batch_size: int = 64) -> tuple[float, Tensor]:
     """(mean over clips, per-clip scores (B,)) of the mean cosine similarity of consecutive frames' embeddings."""
     if videos.dim() == 5 and videos.shape[2] < 2:
         raise ValueError(f"frame consistency needs clips of at least 2 frames, got {videos.shape[2]}")
-    e = frame_embeddings(videos, encoder, batch_size=batch_size)  # (B, T, D)
-    scores = F.cosine_similarity(e[:, 1:], e[:, :-1], dim=-1).mean(dim=1)  # (B,)
-    return float(scores.mean()), scores
+    return consecutive_similarity(frame_embeddings(videos, encoder, batch_size=batch_size))
 
 
 def prompt_consistency(
@@ -77,7 +106,7 @@ def prompt_consistency(
     if isinstance(reference, str):
         raise ValueError("reference must be one prompt per clip (a list of strings) or embeddings, got one string")
     if isinstance(reference, Tensor):
-        ref = reference.float()
+        ref = reference
     else:
         texts = list(reference)
         if not hasattr(encoder, "embed_texts"):
@@ -85,19 +114,37 @@ def prompt_consistency(
         if len(texts) != b:
             raise ValueError(f"{b} clips need {b} prompts, got {len(texts)}")
         with torch.no_grad():
-            ref = encoder.embed_texts(texts).float()
-    if ref.dim() == 1:
-        ref = ref.expand(b, -1)
-    e = frame_embeddings(videos, encoder, batch_size=batch_size)  # (B, T, D)
-    if ref.shape != (b, e.shape[-1]):
-        raise ValueError(
-            f"reference embeddings must be ({b}, {e.shape[-1]}) or ({e.shape[-1]},), got {tuple(ref.shape)}"
-        )
-    scores = F.cosine_similarity(e, ref.to(e.device)[:, None], dim=-1).mean(dim=1)  # (B,)
-    return float(scores.mean()), scores
+            ref = encoder.embed_texts(texts)
+    return reference_similarity(frame_embeddings(videos, encoder, batch_size=batch_size), ref)
 
 
 @torch.no_grad()
+def structure_maps(videos: Tensor, estimator: Any, *, size: int | None = None, batch_size: int = 64) -> Tensor:
+    """``estimator``'s maps of every frame of ``videos`` (B, 3, T, H, W) in [-1, 1] (the estimator: frames
+    (N, 3, H, W) -> maps (N, 1, H, W)), area-resized to ``size`` x ``size`` (None: as estimated), flattened, centred
+    and scaled to unit norm: (B, T, N), ready for :func:`map_correlation`. A constant map becomes zeros."""
+    _check_videos(videos)
+    if size is not None and size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    b, _, t = videos.shape[:3]
+    frames = videos.permute(0, 2, 1, 3, 4).reshape(b * t, 3, *videos.shape[-2:])
+    m = torch.cat([estimator(chunk).float() for chunk in frames.split(batch_size)])
+    if size is not None:
+        m = F.adaptive_avg_pool2d(m, size)
+    m = m.flatten(1)
+    m = m - m.mean(dim=1, keepdim=True)
+    return (m / m.norm(dim=1, keepdim=True).clamp_min(1e-8)).reshape(b, t, -1)
+
+
+def map_correlation(maps: Tensor, reference: Tensor) -> tuple[float, Tensor]:
+    """Structure fidelity from two :func:`structure_maps` results of the same shape (B, T, N): (mean over clips,
+    per-clip mean of the per-frame Pearson correlations (B,))."""
+    if maps.shape != reference.shape:
+        raise ValueError(f"reference maps must match the maps' shape {tuple(maps.shape)}, got {tuple(reference.shape)}")
+    scores = (maps * reference.to(maps.device)).sum(dim=-1).mean(dim=1)  # (B,)
+    return float(scores.mean()), scores
+
+
 def structure_fidelity(
     videos: Tensor, reference: Tensor, estimator: Any, *, size: int | None = None, batch_size: int = 64
 ) -> tuple[float, Tensor]:
@@ -105,24 +152,9 @@ def structure_fidelity(
     ``videos`` and of ``reference`` (both (B, 3, T, H, W) in [-1, 1]; the estimator: frames (N, 3, H, W) -> maps
     (N, 1, H, W)), after area-resizing the maps to ``size`` x ``size`` (None: as estimated). A constant map
     correlates 0 with anything."""
-    _check_videos(videos)
     if reference.shape != videos.shape:
         raise ValueError(
             f"reference clips must match the videos' shape {tuple(videos.shape)}, got {tuple(reference.shape)}"
         )
-    if size is not None and size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    b, _, t = videos.shape[:3]
-
-    def maps(x: Tensor) -> Tensor:
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, 3, *x.shape[-2:])
-        m = torch.cat([estimator(chunk).float() for chunk in frames.split(batch_size)])
-        if size is not None:
-            m = F.adaptive_avg_pool2d(m, size)
-        m = m.flatten(1)
-        m = m - m.mean(dim=1, keepdim=True)
-        return m / m.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-    r = (maps(videos) * maps(reference.to(videos.device))).sum(dim=1).reshape(b, t)  # (B, T) correlations
-    scores = r.mean(dim=1)
-    return float(scores.mean()), scores
+    kw = dict(size=size, batch_size=batch_size)
+    return map_correlation(structure_maps(videos, estimator, **kw), structure_maps(reference, estimator, **kw))

@@ -174,7 +174,13 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
     image: how much the given content matters), and structure fidelity (the output's
     structure maps against the input clip's and against the content clip's, on the latent grid); plus the input
     clips' own frame consistency and the structure fidelity of two unrelated clips (chance). Writes metrics.json."""
-    from gen1_video.metrics import frame_consistency, prompt_consistency, structure_fidelity
+    from gen1_video.metrics import (
+        consecutive_similarity,
+        frame_embeddings,
+        map_correlation,
+        reference_similarity,
+        structure_maps,
+    )
 
     cfg = _cfg(cfg)
     module = load_model(cfg)
@@ -199,14 +205,18 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
         if cfg.get("frame_by_frame", True):
             rows.append((f"frame_by_frame_ts{ts}", {"structure_level": ts, "frame_by_frame": True}))
     metrics: dict[str, dict[str, float]] = {}
-    content_clips = videos.roll(-1, dims=0)  # the clips the content images come from
 
-    def fidelity(out: torch.Tensor, ref: torch.Tensor) -> float:
-        return structure_fidelity(_as_rgb(out), _as_rgb(ref), module.structure, size=module.latent_size)[0]
+    def maps(clips: torch.Tensor) -> torch.Tensor:  # each clip's structure maps on the latent grid, computed once
+        return structure_maps(_as_rgb(clips), module.structure, size=module.latent_size)
 
-    fc_in, _ = frame_consistency(_as_rgb(videos), embed)
+    input_maps = maps(videos)
+    content_maps = input_maps.roll(-1, dims=0)  # the clips the content images come from
+    fc_in, _ = consecutive_similarity(frame_embeddings(_as_rgb(videos), embed))
     # the chance level of structure fidelity: an input clip's layout against another clip's
-    metrics["input"] = {"frame_consistency": fc_in, "structure_fidelity_other_clip": fidelity(videos, content_clips)}
+    metrics["input"] = {
+        "frame_consistency": fc_in,
+        "structure_fidelity_other_clip": map_correlation(input_maps, content_maps)[0],
+    }
     for name, row in rows:
         t0 = time.perf_counter()
         out = torch.cat(
@@ -222,15 +232,14 @@ def evaluate(cfg: Any) -> dict[str, dict[str, float]]:
             ]
         )
         seconds = time.perf_counter() - t0
-        fc, _ = frame_consistency(_as_rgb(out), embed)
-        cc, _ = prompt_consistency(_as_rgb(out), reference, embed)
-        cc_other, _ = prompt_consistency(_as_rgb(out), reference.roll(-1, dims=0), embed)  # another clip's content
+        e, out_maps = frame_embeddings(_as_rgb(out), embed), maps(out)  # each once per row
         metrics[name] = {
-            "frame_consistency": fc,
-            "content_consistency": cc,
-            "content_consistency_other": cc_other,  # the chance level: against the content image of another clip
-            "structure_fidelity": fidelity(out, videos),  # the layout of the input clip (structure) ...
-            "structure_fidelity_content_clip": fidelity(out, content_clips),  # ... or of the content's clip
+            "frame_consistency": consecutive_similarity(e)[0],
+            "content_consistency": reference_similarity(e, reference)[0],
+            # the chance level: against the content image of another clip
+            "content_consistency_other": reference_similarity(e, reference.roll(-1, dims=0))[0],
+            "structure_fidelity": map_correlation(out_maps, input_maps)[0],  # the input clip's layout (structure) ...
+            "structure_fidelity_content_clip": map_correlation(out_maps, content_maps)[0],  # ... or the content's
             "seconds_per_frame": seconds / (out.shape[0] * out.shape[2]),
         }
         log.info("%s: %s", name, metrics[name])
