@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["sample_tokens", "sliding_window_sample", "top_k_top_p_filter", "window_offset"]
+__all__ = ["draw_token", "sample_tokens", "sliding_window_sample", "top_k_top_p_filter", "window_offset"]
 
 
 def top_k_top_p_filter(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -58,7 +58,7 @@ def _check_sampling_args(temperature: float, steps: int | None = None) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
-def _draw(
+def draw_token(
     logits: Tensor,
     *,
     temperature: float,
@@ -68,7 +68,8 @@ def _draw(
     generator: torch.Generator | None,
     vocab_limit: int | None = None,
 ) -> Tensor:
-    """One token per row from the last-position logits (B, V) -> (B, 1) long, ids < ``vocab_limit`` if given."""
+    """One token per row from the last-position logits (B, V) -> (B, 1) long, ids < ``vocab_limit`` if given:
+    temperature, then top-k / top-p (:func:`top_k_top_p_filter`), then a multinomial draw (argmax if ``greedy``)."""
     if vocab_limit is not None:
         if not 1 <= vocab_limit <= logits.shape[-1]:
             raise ValueError(f"vocab_limit must be in [1, {logits.shape[-1]}], got {vocab_limit}")
@@ -140,7 +141,7 @@ def sample_tokens(
             caches = model.make_caches(prefix.shape[0], total, device=prefix.device)
             logits = model.forward_cached(prefix, caches, embeddings=embeddings)[:, -1]  # (B, V)
             for n in range(steps):
-                tok = _draw(logits, **draw)  # (B, 1)
+                tok = draw_token(logits, **draw)  # (B, 1)
                 out[:, n : n + 1] = tok
                 if n + 1 < steps:
                     logits = model.forward_cached(tok, caches)[:, -1]
@@ -152,7 +153,7 @@ def sample_tokens(
             for n in range(steps):
                 x_cond = seq if seq.shape[1] <= keep else seq[:, -keep:]  # crop context if needed
                 logits = model(x_cond, embeddings=embeddings)[0][:, -1]  # (B, V)
-                tok = _draw(logits, **draw)
+                tok = draw_token(logits, **draw)
                 out[:, n : n + 1] = tok
                 seq = torch.cat((seq, tok), dim=1)
     return out
@@ -269,5 +270,5 @@ def sliding_window_sample(
                     logits = model(seq[:, : pos + 1])[0][:, -1]
                 else:
                     logits = model(seq[:, :-1])[0][:, pos]
-                z[:, i, j] = _draw(logits, **draw)[:, 0]
+                z[:, i, j] = draw_token(logits, **draw)[:, 0]
     return z

@@ -171,10 +171,13 @@ class GPT(nn.Module):
         resid_pdrop: float = 0.0,
         attn_pdrop: float = 0.0,
         n_unmasked: int = 0,
+        input_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
+        input_vocab_size = vocab_size if input_vocab_size is None else input_vocab_size
         for name, val in (
             ("vocab_size", vocab_size),
+            ("input_vocab_size", input_vocab_size),
             ("block_size", block_size),
             ("n_layer", n_layer),
             ("n_head", n_head),
@@ -188,12 +191,13 @@ class GPT(nn.Module):
             if not 0.0 <= val < 1.0:
                 raise ValueError(f"GPT: {name} must be in [0, 1), got {val}")
         self.vocab_size = vocab_size
+        self.input_vocab_size = input_vocab_size
         self.block_size = block_size
         self.n_layer = n_layer
         self.n_head = n_head
         self.n_embd = n_embd
 
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.tok_emb = nn.Embedding(input_vocab_size, n_embd)
         self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
         self.drop = nn.Dropout(embd_pdrop)
         self.blocks = nn.Sequential(
@@ -238,7 +242,8 @@ class GPT(nn.Module):
             got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"GPT: idx must be a long tensor of shape (B, T), got {got}")
         # ValueError on the CPU; an asynchronous device assertion on an accelerator (no host sync per forward)
-        check_index_range(idx, self.vocab_size, f"GPT: token ids (vocab_size={self.vocab_size})")
+        what = "vocab_size" if self.input_vocab_size == self.vocab_size else "input_vocab_size"
+        check_index_range(idx, self.input_vocab_size, f"GPT: token ids ({what}={self.input_vocab_size})")
         n_emb = 0
         if embeddings is not None:
             if embeddings.dim() != 3 or embeddings.shape[0] != idx.shape[0] or embeddings.shape[2] != self.n_embd:

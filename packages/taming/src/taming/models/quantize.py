@@ -166,6 +166,20 @@ class _Remap(nn.Module):
         else:
             raise ValueError(f"unknown_index must be 'random', 'extra' or an int, got {unknown_index!r}")
 
+    def set_remap(self, remap: RemapSpec, unknown_index: str | int = "random") -> None:
+        """Report indices in the space of the codes ``remap`` lists (ImageBART's ``data/vqgan_indices/*.npy``), or
+        in the full codebook again with ``remap=None``: what building the quantiser with ``remap=`` does, for a
+        quantiser that exists (a trained first stage whose used codes are known only after training)."""
+        n = self.codebook().num_embeddings
+        if remap is None:
+            for name in ("used", "_lut"):
+                if name in self._buffers:
+                    del self._buffers[name]
+        self._init_remap(remap, unknown_index, n)
+        if remap is not None:
+            device = self.codebook().weight.device
+            self.used, self._lut = self.used.to(device), self._lut.to(device)
+
     @staticmethod
     def _make_lut(used: Tensor, n: int) -> Tensor:
         lut = torch.full((n,), -1, dtype=torch.long)
