@@ -26,17 +26,17 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencore.conditioning import Conditioner, NoConditioner
 from gencore.modules import check_index_range, freeze
 from gencore.training import scaled_learning_rate
 from imagebart.diffusion import MultinomialSchedule, posterior, stage_loss
+from imagebart.editing import expand_masks, masked_view
 from imagebart.sampling import coarse_to_fine, gpt_session, keep_guide, per_stage, sample_sequence
 from taming.models.quantize import LambdaWarmUpCosineScheduler
 
-__all__ = ["ImageBART", "token_keep_mask"]
+__all__ = ["ImageBART"]
 
 
 def _accepts(factory: Callable[..., Any], name: str) -> bool:
@@ -45,31 +45,6 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params
-
-
-def token_keep_mask(keep: Tensor, grid: tuple[int, int]) -> Tensor:
-    """A pixel mask (B, 1, H, W) / (B, H, W) / (H, W), 1 = keep, or one already on the token grid -> the token mask
-    (B, h·w) bool: a token is kept only when every pixel of its f x f cell is kept (any pixel in the hole resamples
-    it; the official script's nearest-neighbour downsampling can keep a token whose cell is partly in the hole)."""
-    if keep.dim() == 2:
-        keep = keep[None]
-    if keep.dim() == 4:
-        if keep.shape[1] != 1:
-            raise ValueError(f"a mask has one channel, got shape {tuple(keep.shape)}")
-        keep = keep[:, 0]
-    if keep.dim() != 3:
-        raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(keep.shape)}")
-    h, w = grid
-    mh, mw = keep.shape[-2:]
-    if (mh, mw) == (h, w):
-        return (keep > 0.5).flatten(1)
-    if mh % h or mw % w or mh // h != mw // w:
-        raise ValueError(
-            f"mask of size {mh}x{mw} fits neither the image (a multiple of the {h}x{w} token grid) nor the grid"
-        )
-    f = mh // h
-    hole = F.max_pool2d((keep <= 0.5).float()[:, None], f)[:, 0]  # (B, h, w): any hole pixel in the cell
-    return (hole < 0.5).flatten(1)
 
 
 class ImageBART(L.LightningModule):
@@ -416,13 +391,7 @@ class ImageBART(L.LightningModule):
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
         n = images.shape[0]
-        tmask = token_keep_mask(keep.to(images.device), self.grid)
-        if tmask.shape[0] == 1 and n > 1:
-            tmask = tmask.expand(n, -1)
-        if tmask.shape[0] != n:
-            raise ValueError(f"{tmask.shape[0]} masks for {n} images")
-        if not bool(tmask.any(dim=1).all()):
-            raise ValueError("a mask keeps nothing: that is sampling, not editing (use generate)")
+        tmask = expand_masks(keep.to(images.device), n, self.grid)
         clean = self.encode_to_tokens(images.to(self.sos_token.device))
         cond = None
         if self.num_classes:
@@ -443,11 +412,3 @@ class ImageBART(L.LightningModule):
         logs = {"inputs": x, "reconstructions": self.decode_tokens(self.encode_to_tokens(x))}
         logs["samples"] = self.generate(x.shape[0], labels=labels)["images"]
         return logs
-
-
-def masked_view(images: Tensor, keep_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-    """The images with the resampled cells grey (0): what the editing keeps, for figures."""
-    b = images.shape[0]
-    cells = keep_tokens.view(b, 1, *grid).float()
-    keep_px = F.interpolate(cells, size=images.shape[-2:], mode="nearest")
-    return images * keep_px.to(images.dtype)
