@@ -76,7 +76,7 @@ def vqgan_config_from_yaml(config: Any, *, stage: str = "first_stage_config") ->
             kwargs["temperature_schedule"] = {
                 k: v for k, v in dict(sched.get("params", {})).items() if k != "verbosity_interval"
             }
-    elif name in ("VQModel", "VQSegmentationModel", "VQNoDiscModel", "VQModelInterface"):
+    elif name in ("VQModel", "VQSegmentationModel", "VQNoDiscModel", "VQModelInterface", "VQGANWrapper"):  # + imagebart
         cls, kwargs = VQModel, {"sane_index_shape": bool(params.get("sane_index_shape", False))}
     else:
         raise ValueError(f"unsupported model target {target!r}: expected a taming VQModel or GumbelVQ")
