@@ -76,8 +76,6 @@ class MultinomialSchedule:
             full = [1.0, *acum]
             if any(not 0.0 <= a <= 1.0 for a in acum) or any(b > a for a, b in itertools.pairwise(full)):
                 raise ValueError(f"alphacum values must decrease from 1 within [0, 1], got {acum}")
-            if any(a == 0.0 for a in full[:-1]) and any(b > 0 for a, b in itertools.pairwise(full) if a == 0.0):
-                raise ValueError(f"alphacum {acum}: after a 0 every value must stay 0")
             alphas = [1.0] + [(b / a if a > 0 else 1.0) for a, b in itertools.pairwise(full)]
             betas = torch.tensor([1.0 - a for a in alphas], dtype=torch.float64)
             betas[0] = 0.0
@@ -99,6 +97,10 @@ class MultinomialSchedule:
         self.betas = betas.float()  # (T + 1,)
         self.alphas = (1.0 - betas).float()
         self.alphacum = torch.cumprod(1.0 - betas, 0).float()
+        # the same as Python floats: what the training step reads (no tensor -> float conversion on its path)
+        self.beta_values = [float(b) for b in betas]
+        self.alpha_values = [1.0 - b for b in self.beta_values]
+        self.alphacum_values = [float(a) for a in torch.cumprod(1.0 - betas, 0)]
         # whether x_T is pure noise (ᾱ_T = 0): the last stage's GPT never sees x_T and is right only then
         self.final_noise = bool(self.alphacum[-1] <= 1e-6)
 
@@ -121,7 +123,7 @@ class MultinomialSchedule:
     def q_sample(self, x0: Tensor, t: int, num_codes: int, generator: torch.Generator | None = None) -> Tensor:
         """x_t ~ q(x_t | x_0): every token kept with probability ᾱ_t, else a uniform code."""
         t = self._check_t(t) if t != 0 else 0
-        return self.redraw(x0, 1.0 - float(self.alphacum[t]), num_codes, generator)
+        return self.redraw(x0, 1.0 - self.alphacum_values[t], num_codes, generator)
 
     def q_pair(
         self, x0: Tensor, t: int, num_codes: int, generator: torch.Generator | None = None
@@ -130,13 +132,13 @@ class MultinomialSchedule:
         same joint distribution as the official sequential chain, which draws every x_s from x_{s-1}."""
         t = self._check_t(t)
         prev = self.q_sample(x0, t - 1, num_codes, generator) if t > 1 else x0
-        return prev, self.redraw(prev, float(self.betas[t]), num_codes, generator)
+        return prev, self.redraw(prev, self.beta_values[t], num_codes, generator)
 
     def q_chain(self, x0: Tensor, num_codes: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """[x_0, x_1, ..., x_T] drawn step by step as the official ``get_scales`` does (for figures and tests)."""
         chain = [x0]
         for t in range(1, self.num_steps + 1):
-            chain.append(self.redraw(chain[-1], float(self.betas[t]), num_codes, generator))
+            chain.append(self.redraw(chain[-1], self.beta_values[t], num_codes, generator))
         return chain
 
 
@@ -159,7 +161,7 @@ def posterior(x0: Tensor, xt: Tensor, t: int, schedule: MultinomialSchedule, num
     if x0.shape != xt.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and xt {tuple(xt.shape)} must have the same shape")
     k = num_codes
-    a_t, acum_prev = float(schedule.alphas[t]), float(schedule.alphacum[t - 1])
+    a_t, acum_prev = schedule.alpha_values[t], schedule.alphacum_values[t - 1]
     from_x0 = acum_prev * F.one_hot(x0, k).float() + (1.0 - acum_prev) / k  # q(x_{t-1} | x_0)
     to_xt = a_t * F.one_hot(xt, k).float() + (1.0 - a_t) / k  # q(x_t | x_{t-1}) as a function of x_{t-1}
     joint = from_x0 * to_xt
@@ -180,6 +182,8 @@ def stage_loss(logits: Tensor, target: Tensor, target_probs: Tensor, alpha: floa
     log_p = F.log_softmax(logits.float(), dim=-1)
     hard = F.nll_loss(log_p.transpose(1, 2), target)  # mean over (B, L)
     q = target_probs.float()
-    soft = (torch.xlogy(q, q) - q * log_p).sum(-1).mean()  # KL(q ‖ p): 0·log 0 = 0 where q vanishes
+    # KL(q ‖ p) with 0·log 0 = 0 where q vanishes, also against log p = -inf there (a stage with β_t = 0: the residual
+    # stage's logits are -inf off x_t, and so is the posterior's support)
+    soft = (torch.xlogy(q, q) - torch.where(q > 0, q * log_p, 0.0)).sum(-1).mean()
     loss = alpha * soft + (1.0 - alpha) * hard if 0.0 < alpha < 1.0 else (soft if alpha == 1.0 else hard)
     return loss, {"loss_hard": hard.detach(), "loss_soft": soft.detach()}

@@ -76,10 +76,11 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int]) -> Tensor:
     return (~hole).float()
 
 
-def token_keep_mask(keep: Tensor, grid: tuple[int, int]) -> Tensor:
+def token_keep_mask(keep: Tensor, grid: tuple[int, int], size: tuple[int, int] | None = None) -> Tensor:
     """A pixel mask (H, W) / (B, H, W) / (B, 1, H, W), 1 = keep, or one already on the token grid -> the token mask
     (B, h·w) bool: a token is kept only when every pixel of its f x f cell is kept (any pixel in the hole resamples
-    it; the official script's nearest-neighbour downsampling can keep a token whose cell is partly in the hole)."""
+    it; the official script's nearest-neighbour downsampling can keep a token whose cell is partly in the hole).
+    ``size``: the images' (H, W), when known; a pixel mask must then have exactly that size."""
     if not isinstance(keep, Tensor):
         raise ValueError(f"mask must be a tensor, got {type(keep).__name__}")
     if keep.dim() == 2:
@@ -94,6 +95,10 @@ def token_keep_mask(keep: Tensor, grid: tuple[int, int]) -> Tensor:
     mh, mw = keep.shape[-2:]
     if (mh, mw) == (h, w):
         return (keep > 0.5).flatten(1)
+    if size is not None and (mh, mw) != tuple(size):
+        raise ValueError(
+            f"mask of size {mh}x{mw} matches neither the image size {size[0]}x{size[1]} nor the {h}x{w} token grid"
+        )
     if mh % h or mw % w or mh // h != mw // w:
         raise ValueError(
             f"mask of size {mh}x{mw} matches neither the image size (a multiple of the {h}x{w} token grid) nor the "
@@ -109,10 +114,10 @@ def masked_view(images: Tensor, keep_tokens: Tensor, grid: tuple[int, int]) -> T
     return images * F.interpolate(cells, size=images.shape[-2:], mode="nearest").to(images.dtype)
 
 
-def expand_masks(keep: Tensor, n: int, grid: tuple[int, int]) -> Tensor:
-    """Token keep masks (n, h·w) for ``n`` images from one mask or one per image; refuses a mask that keeps nothing
-    (that is sampling, not editing)."""
-    tmask = token_keep_mask(keep, grid)
+def expand_masks(keep: Tensor, n: int, grid: tuple[int, int], size: tuple[int, int] | None = None) -> Tensor:
+    """Token keep masks (n, h·w) for ``n`` images (of ``size`` (H, W)) from one mask or one per image; refuses a
+    mask that keeps nothing (that is sampling, not editing)."""
+    tmask = token_keep_mask(keep, grid, size)
     if tmask.shape[0] == 1 and n > 1:
         tmask = tmask.expand(n, -1)
     if tmask.shape[0] != n:
@@ -140,7 +145,7 @@ def ar_inpaint(
     images = images.to(device)
     z, grid = module.encode_to_z(images)  # (B, L) in the VQGAN's own index space
     n, length = z.shape
-    tmask = expand_masks(keep.to(device), n, grid)
+    tmask = expand_masks(keep.to(device), n, grid, tuple(images.shape[-2:]))
     batch, _ = module.cond_stage_model.generation_batch(n, labels=labels)
     c = module.encode_to_c(batch, n).to(device)  # (B, Lc): start / class tokens
     codes = module.first_stage_model.vocab_size

@@ -9,16 +9,21 @@ codes the decoder has not learned to render. Here:
 - :func:`remapped_first_stage` (a Hydra target) loads a VQGAN (taming's :func:`~taming.first_stage.load_first_stage`:
   export / run folder, shipped ``pkg://`` checkpoint, genlab or official ``.ckpt``) and sets its remap: an
   ``.npy`` path (official), an explicit list, or ``None`` (the full codebook);
-- :func:`resolve_auto_remap` turns ``remap: auto`` in a training config into the explicit list, computed once on the
+- :func:`resolve_auto_remap` turns ``remap: auto`` in a training config into the explicit list, computed on the
   training images before the run starts (so the run's ``config.yaml`` and its export carry the list and sampling
-  never needs the data).
+  never needs the data), once per VQGAN and data: listings are kept by fingerprint in genlab's cache folder, and the
+  shipped VQGAN's listing on Fashion-MNIST ships with the package (``imagebart/remaps``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +31,7 @@ from torch import Tensor, nn
 from gencore.progress import Progress
 from taming.first_stage import load_first_stage
 
-__all__ = ["remapped_first_stage", "resolve_auto_remap", "used_codes"]
+__all__ = ["remap_fingerprint", "remapped_first_stage", "resolve_auto_remap", "used_codes"]
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +87,91 @@ def remapped_first_stage(
     return vq
 
 
-def resolve_auto_remap(cfg) -> list[int] | None:
+#: the listings shipped with the package (the equivalent of the official data/vqgan_indices/*.npy), by fingerprint
+SHIPPED_REMAPS = Path(__file__).parent / "remaps"
+_DATA_KEYS_IGNORED = ("batch_size", "num_workers", "limit_val", "val_fraction", "pin_memory", "persistent_workers")
+
+
+def remap_fingerprint(vqgan: nn.Module, datamodule_cfg: Any, limit: int | None) -> str:
+    """What a listing of used codes depends on: the VQGAN's encoder / quant_conv / codebook weights, and which training
+    images (the datamodule config without its loader settings, the image count)."""
+    from omegaconf import OmegaConf
+
+    h = hashlib.sha256()
+    for key, value in sorted(vqgan.state_dict().items()):
+        if key.startswith(("encoder.", "quant_conv.", "quantize.embedding.")):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    data = OmegaConf.to_container(datamodule_cfg, resolve=True)
+    data = {k: v for k, v in sorted(data.items()) if k not in _DATA_KEYS_IGNORED}
+    h.update(json.dumps({"data": data, "limit": limit}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _cached(fingerprint: str) -> tuple[list[int], Path] | None:
+    from gencore.metrics.generative import cache_dir
+
+    for folder in (SHIPPED_REMAPS, cache_dir() / "imagebart_remaps"):
+        f = folder / f"{fingerprint}.json"
+        if f.is_file():
+            try:
+                return [int(c) for c in json.loads(f.read_text())["codes"]], f
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("ignoring an unreadable remap listing %s", f)
+    return None
+
+
+def resolve_auto_remap(cfg: Any) -> list[int] | None:
     """``module.first_stage.remap: auto`` -> the explicit list of codes the VQGAN uses on the datamodule's training
-    images (written into ``cfg``, also returned); ``None`` when the config does not ask for it."""
+    images (the first ``cfg.remap_images`` of them; all with ``null``), written into ``cfg`` and returned; ``None``
+    when the config does not ask for it. A listing is computed once per VQGAN and data (:func:`remap_fingerprint`)
+    and kept in genlab's cache folder; the shipped VQGAN's listing on Fashion-MNIST ships in ``imagebart/remaps``."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader, Subset
+
+    from gencore import io
+    from gencore.metrics.generative import cache_dir
+    from gencore.validate import ConfigError
 
     node = OmegaConf.select(cfg, "module.first_stage")
     if node is None or OmegaConf.select(node, "remap") != "auto":
         return None
-    vq = load_first_stage(node.path, config=node.get("config"), prefix=node.get("prefix"))
-    dm = instantiate(cfg.datamodule)
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    key = OmegaConf.select(cfg, "module.image_key") or "image"
-    used = used_codes(vq, (b[key] for b in loader), total=len(loader))
-    codes = [int(i) for i in used]
-    log.info(
-        "remap=auto: the first stage uses %d of its %d codes on the training images (the model's vocabulary K)",
-        len(codes),
-        vq.quantize.codebook().num_embeddings,
-    )
+    try:
+        vq = load_first_stage(node.path, config=node.get("config"), prefix=node.get("prefix"))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"module.first_stage: {err}") from err
+    limit = cfg.get("remap_images")
+    limit = None if limit is None else int(limit)
+    fingerprint = remap_fingerprint(vq, cfg.datamodule, limit)
+    found = _cached(fingerprint)
+    if found is not None:
+        codes, where = found
+        log.info("remap=auto: %d used codes, listed earlier (%s)", len(codes), where)
+    else:
+        dm = instantiate(cfg.datamodule)
+        dm.setup("fit")
+        data = getattr(dm, "train_set", None)
+        if data is None:
+            raise ConfigError("remap=auto needs a datamodule with a train_set (the images whose codes are listed)")
+        if limit is not None and limit < len(data):
+            data = Subset(data, range(limit))
+        loader = DataLoader(data, batch_size=500, shuffle=False, num_workers=0)
+        key = OmegaConf.select(cfg, "module.image_key") or "image"
+        codes = [int(i) for i in used_codes(vq, (b[key] for b in loader), total=len(loader))]
+        log.info(
+            "remap=auto: the first stage uses %d of its %d codes on %d training images (the model's vocabulary K)",
+            len(codes),
+            vq.quantize.codebook().num_embeddings,
+            len(data),
+        )
+        record = {"codes": codes, "images": len(data), "first_stage": str(node.path), "fingerprint": fingerprint}
+        target = cache_dir() / "imagebart_remaps" / f"{fingerprint}.json"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with io.atomic_path(target) as tmp:
+                tmp.write_text(json.dumps(record))
+        except OSError as err:  # a read-only cache only costs the listing next time
+            log.warning("could not keep the remap listing in %s: %s", target, err)
     OmegaConf.update(cfg, "module.first_stage.remap", codes, force_add=True)
     return codes

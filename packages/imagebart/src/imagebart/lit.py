@@ -391,7 +391,7 @@ class ImageBART(L.LightningModule):
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
         n = images.shape[0]
-        tmask = expand_masks(keep.to(images.device), n, self.grid)
+        tmask = expand_masks(keep.to(images.device), n, self.grid, tuple(images.shape[-2:]))
         clean = self.encode_to_tokens(images.to(self.sos_token.device))
         cond = None
         if self.num_classes:
