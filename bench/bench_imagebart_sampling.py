@@ -66,7 +66,7 @@ def main() -> None:
         cond = torch.arange(b)[:, None] % 10
         out: dict[bool, torch.Tensor] = {}
 
-        def run(use_cache: bool, model: ImageBART = model, cond: torch.Tensor = cond, b: int = b) -> None:
+        def run(use_cache: bool, model: ImageBART = model, cond: torch.Tensor = cond, b: int = b, out: dict = out):
             gen = torch.Generator().manual_seed(0)
             out[use_cache] = model.sample_tokens(b, cond, use_cache=use_cache, generator=gen)
 
@@ -91,9 +91,9 @@ def main() -> None:
         notes.append(
             f"{name}: {per_image['median']:.3f} s per image with the cache vs {per_image_ref['median']:.3f} s without "
             f"({ref['median'] / ours['median']:.1f}x); tokens/s {b * tokens / ours['median']:.0f} vs "
-            f"{b * tokens / ref['median']:.0f}; GFLOP per image {flops_ours / b / 1e9:.2f} vs {flops_ref / b / 1e9:.2f}; "
-            f"same tokens from both paths: {same}; {sum(p.numel() for p in model.transformers.parameters()) / 1e6:.2f}M "
-            "parameters in the stages"
+            f"{b * tokens / ref['median']:.0f}; GFLOP per image {flops_ours / b / 1e9:.2f} vs "
+            f"{flops_ref / b / 1e9:.2f}; same tokens from both paths: {same}; "
+            f"{sum(p.numel() for p in model.transformers.parameters()) / 1e6:.2f}M parameters in the stages"
         )
     note = "; ".join(notes) + f". fp32 matmul rate measured in this run: {rate / 1e9:.0f} GFLOP/s."
     append_results("imagebart sampling: KV-cached stages vs the official recompute loop", rows, note=note)

@@ -28,8 +28,8 @@ GEN1 = ["experiment=tiny"]
 IMAGEBART = ["experiment=tiny"]
 LIMIT_VAL = "datamodule.limit_val=8"  # the image datamodules' validation cap
 TAMING, LDM, SD3 = [*TAMING, LIMIT_VAL], [*LDM, LIMIT_VAL], [*SD3, LIMIT_VAL]
-COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]
-TASK_TRAIN = {"imagebart"}  # <name>-train does work before gencore.run.train (imagebart: remap=auto)  # if one is not refused
+COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]  # if one is not refused
+TASK_TRAIN = {"imagebart"}  # <name>-train works before gencore.run.train (imagebart: remap=auto)
 
 CASES = [
     # package, base overrides, bad override, what the message must say
