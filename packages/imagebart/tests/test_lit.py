@@ -280,3 +280,25 @@ def test_generate(model):
     assert out["labels"].tolist() == [1, 2, 3, 4]
     assert model.generate(3)["labels"].shape == (3,)  # random classes when none are asked for
     assert model.evaluation_request() == {"labels": list(range(10))}
+
+
+def test_per_stage_runs_combine_into_one_model(build_imagebart):
+    base, other = build_imagebart(seed=0), build_imagebart(seed=1)
+    before = {k: v.clone() for k, v in base.transformers[0].state_dict().items()}
+    base.take_stages(other, [2, 3])
+    for t in (2, 3):
+        for (k, a), b in zip(
+            base.transformers[t - 1].state_dict().items(), other.transformers[t - 1].state_dict().values()
+        ):
+            assert torch.equal(a, b), (t, k)
+    for k, v in base.transformers[0].state_dict().items():
+        assert torch.equal(v, before[k]), k  # stage 1 untouched
+    with pytest.raises(ValueError, match="stage 4 is outside"):
+        base.take_stages(other, [4])
+    with pytest.raises(ValueError, match="the models differ"):
+        base.take_stages(build_imagebart(num_steps=2, alpha=[0.0, 1.0]), [1])
+
+
+def test_editing_with_a_class_model_needs_the_labels(model, batch):
+    with pytest.raises(ValueError, match="pass labels"):
+        model.inpaint(batch["image"][:2], named_mask("upper", 32))

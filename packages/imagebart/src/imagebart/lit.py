@@ -192,6 +192,35 @@ class ImageBART(L.LightningModule):
         self.sample_kwargs = dict(sample or {})
         self.image_key = image_key
 
+    def take_stages(self, other: ImageBART, stages: Sequence[int]) -> ImageBART:
+        """Copy the networks of ``stages`` from ``other`` (a run that trained them, e.g. ``train_stages=[t]``): how
+        per-stage runs, the official way of training, become one model. Both must share T, the token grid, the
+        vocabulary and the remapped codes."""
+        mine, theirs = (
+            getattr(self.first_stage_model.quantize, "used", None),
+            getattr(other.first_stage_model.quantize, "used", None),
+        )
+        same_codes = (mine is None) == (theirs is None) and (
+            mine is None or (mine.shape == theirs.shape and bool((mine.cpu() == theirs.cpu()).all()))
+        )
+        if (self.num_steps, self.grid, self.num_codes, self.input_vocab_size, self.num_classes) != (
+            other.num_steps,
+            other.grid,
+            other.num_codes,
+            other.input_vocab_size,
+            other.num_classes,
+        ) or not same_codes:
+            raise ValueError(
+                "take_stages: the models differ (T, token grid, codes, input vocabulary, classes or the remap): "
+                f"T={self.num_steps} vs {other.num_steps}, grid {self.grid} vs {other.grid}, K={self.num_codes} vs "
+                f"{other.num_codes}"
+            )
+        for t in stages:
+            if not 1 <= int(t) <= self.num_steps:
+                raise ValueError(f"take_stages: stage {t} is outside [1, T={self.num_steps}]")
+            self.transformers[int(t) - 1].load_state_dict(other.transformers[int(t) - 1].state_dict())
+        return self
+
     # ----------------------------------------------------------------------------------------------- tokens
     def encode_to_tokens(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> clean tokens x_0 (B, L) in the remapped space."""
@@ -395,6 +424,10 @@ class ImageBART(L.LightningModule):
         clean = self.encode_to_tokens(images.to(self.sos_token.device))
         cond = None
         if self.num_classes:
+            if labels is None:
+                raise ValueError(
+                    "a class-conditional model edits an image of a given class: pass labels (one per image)"
+                )
             batch, _ = self.cond_stage_model.generation_batch(n, labels=labels)
             cond = self.class_tokens(batch, n)
         opts = self._sample_opts(kwargs)

@@ -58,6 +58,12 @@ def load_model(cfg: Any) -> Any:
     if not isinstance(module, ImageBART):
         what = "a first stage (a VQGAN)" if not hasattr(module, "generate") else "not an ImageBART model"
         raise ValueError(f"{cfg.checkpoint} holds a {type(module).__name__}: {what}; use the command of its package")
+    for t, path in dict(cfg.get("stage_checkpoints") or {}).items():  # per-stage runs -> one model
+        other = run.load_module(str(path), use_ema=cfg.get("use_ema", True))
+        if not isinstance(other, ImageBART):
+            raise ValueError(f"stage_checkpoints.{t}={path} holds a {type(other).__name__}, not an ImageBART run")
+        module.take_stages(other.to(module.device), [int(t)])
+        log.info("stage %s from %s", t, path)
     return module
 
 
