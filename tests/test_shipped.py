@@ -36,7 +36,14 @@ def pkg_path(folder: Path) -> str:
 def test_packages_ship_checkpoints():
     names = {pkg_path(f) for f in SHIPPED}
     assert "pkg://ladd_turbo/checkpoints/fmnist_turbo" in names, names
-    assert {f.parents[1].name for f in SHIPPED} >= {"taming", "ldm", "sd3_flow", "ladd_turbo", "gen1_video"}
+    assert {f.parents[1].name for f in SHIPPED} >= {
+        "taming",
+        "ldm",
+        "sd3_flow",
+        "ladd_turbo",
+        "gen1_video",
+        "imagebart",
+    }
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[pkg_path(f) for f in SHIPPED])
