@@ -123,3 +123,16 @@ def test_ar_inpaint_keeps_the_kept_tokens(taming_class, fmnist, monkeypatch):
     assert not torch.equal(drawn[0][~kept], drawn[1][~kept])  # the hole is sampled
     with pytest.raises(ValueError, match="mask of size 16x16 matches neither the image size 32x32"):
         ar_inpaint(taming_class, images, torch.ones(16, 16), labels)
+
+
+def test_ar_inpaint_with_an_unconditional_baseline_ignores_the_labels(fmnist):
+    from taming.conditioning import SOSConditioner
+    from taming.first_stage import load_first_stage
+    from taming.lit import Net2NetTransformer
+    from taming.models.mingpt import GPT
+
+    torch.manual_seed(0)
+    vq = load_first_stage("pkg://taming/checkpoints/vqgan_fmnist")
+    model = Net2NetTransformer(GPT(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32), vq, SOSConditioner())
+    out = ar_inpaint(model.eval(), fmnist[0][:2], named_mask("left", 32), fmnist[1][:2])
+    assert out["images"].shape == (2, 1, 32, 32) and out["keep"].view(2, 8, 8)[:, :, :4].sum() == 0

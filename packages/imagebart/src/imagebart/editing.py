@@ -139,14 +139,17 @@ def ar_inpaint(
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Edit ``images`` with taming's autoregressive ``Net2NetTransformer``: tokens in raster order, the kept ones
-    forced by the same guide as ImageBART's, so the hole sees only what precedes it. Returns ``images`` (the edits),
+    forced by the same guide as ImageBART's, so the hole sees only what precedes it. ``labels`` condition a
+    class-conditional transformer and are ignored by an unconditional one. Returns ``images`` (the edits),
     ``sources`` and ``keep`` (the token mask)."""
     device = next(module.transformer.parameters()).device
     images = images.to(device)
     z, grid = module.encode_to_z(images)  # (B, L) in the VQGAN's own index space
     n, length = z.shape
     tmask = expand_masks(keep.to(device), n, grid, tuple(images.shape[-2:]))
-    batch, _ = module.cond_stage_model.generation_batch(n, labels=labels)
+    # an unconditional baseline (SOS token) is edited without the labels: the class must come from the context
+    class_model = bool(getattr(module.cond_stage_model, "num_classes", 0))
+    batch, _ = module.cond_stage_model.generation_batch(n, labels=labels if class_model else None)
     c = module.encode_to_c(batch, n).to(device)  # (B, Lc): start / class tokens
     codes = module.first_stage_model.vocab_size
     session = gpt_session(module.transformer, c)

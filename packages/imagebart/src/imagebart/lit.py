@@ -415,8 +415,9 @@ class ImageBART(L.LightningModule):
         **kwargs: Any,
     ) -> dict[str, Tensor]:
         """Masked editing of ``images`` (B, C, H, W) in [-1, 1]: ``keep`` (1 = keep) as pixels (H, W) / (B, 1, H, W)
-        or on the token grid; the tokens touching the hole are resampled. Returns ``images`` (the edits),
-        ``sources`` (the inputs with the hole greyed) and ``keep`` (the token mask, (B, h, w))."""
+        or on the token grid; the tokens touching the hole are resampled. ``labels``: the images' classes (needed
+        by a class-conditional model, ignored by an unconditional one). Returns ``images`` (the edits), ``sources``
+        (the inputs with the hole greyed) and ``keep`` (the token mask, (B, h, w))."""
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
         n = images.shape[0]

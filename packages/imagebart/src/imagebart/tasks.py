@@ -257,7 +257,7 @@ def evaluate(cfg: Any) -> dict[str, float]:
     n, bs, seed = int(cfg.get("num_samples", 1000)), int(cfg.get("batch_size", 100)), int(cfg.get("seed", 0))
     opts = _sample_opts(cfg)
     state = run.process_state(cfg.get("device"))
-    if n > 0:
+    if cfg.get("score_samples", True):
         kwargs = {**module.evaluation_request(), **opts}
         t0 = time.perf_counter()
         out = run.generate_sharded(module, n, batch_size=bs, seed=seed, **kwargs)
