@@ -29,6 +29,9 @@ from torch import Tensor
 
 __all__ = ["MultinomialSchedule", "posterior", "prior_log_probs", "stage_loss"]
 
+#: the schedule lives on the host (read as Python floats), whatever the default device
+HOST = {"dtype": torch.float64, "device": "cpu"}
+
 
 def _check_tokens(x: Tensor, num_codes: int, name: str) -> None:
     if not isinstance(x, Tensor) or x.dtype != torch.long or x.dim() != 2:
@@ -65,7 +68,7 @@ class MultinomialSchedule:
                 raise ValueError("give redraw_prob or alphacum, not both")
             redraw_prob = "alphacum:" + ",".join(str(float(a)) for a in alphacum)
         if redraw_prob is None or redraw_prob == "geometric":  # Sohl-Dickstein: β_t = 1 / (T - t + 1)
-            betas = torch.cat((torch.zeros(1), 1.0 / torch.arange(T, 0, -1, dtype=torch.float64)))
+            betas = torch.cat((torch.zeros(1, **HOST), 1.0 / torch.arange(T, 0, -1, **HOST)))
         elif isinstance(redraw_prob, str) and redraw_prob.startswith("alphacum:"):
             try:
                 acum = [float(a) for a in redraw_prob[len("alphacum:") :].split(",")]
@@ -77,7 +80,7 @@ class MultinomialSchedule:
             if any(not 0.0 <= a <= 1.0 for a in acum) or any(b > a for a, b in itertools.pairwise(full)):
                 raise ValueError(f"alphacum values must decrease from 1 within [0, 1], got {acum}")
             alphas = [1.0] + [(b / a if a > 0 else 1.0) for a, b in itertools.pairwise(full)]
-            betas = torch.tensor([1.0 - a for a in alphas], dtype=torch.float64)
+            betas = torch.tensor([1.0 - a for a in alphas], **HOST)
             betas[0] = 0.0
         elif isinstance(redraw_prob, str):
             raise ValueError(
@@ -88,12 +91,12 @@ class MultinomialSchedule:
         elif isinstance(redraw_prob, (int, float)):
             if not 0.0 < float(redraw_prob) <= 1.0:
                 raise ValueError(f"a constant redraw_prob must be in (0, 1], got {redraw_prob}")
-            betas = torch.cat((torch.zeros(1), torch.full((T,), float(redraw_prob), dtype=torch.float64)))
+            betas = torch.cat((torch.zeros(1, **HOST), torch.full((T,), float(redraw_prob), **HOST)))
         else:
             values = [float(b) for b in redraw_prob]
             if len(values) != T or any(not 0.0 <= b <= 1.0 for b in values):
                 raise ValueError(f"betas must be T={T} values in [0, 1], got {values}")
-            betas = torch.tensor([0.0, *values], dtype=torch.float64)
+            betas = torch.tensor([0.0, *values], **HOST)
         self.betas = betas.float()  # (T + 1,)
         self.alphas = (1.0 - betas).float()
         self.alphacum = torch.cumprod(1.0 - betas, 0).float()
