@@ -168,21 +168,29 @@ def ar_inpaint(
 
 def hole_psnr(edits: Tensor, originals: Tensor, keep_tokens: Tensor, grid: tuple[int, int]) -> float:
     """Mean PSNR (dB, data range 2) over the resampled cells only (one value per image, averaged)."""
+    return float(hole_psnrs(edits, originals, keep_tokens, grid).mean())
+
+
+def hole_psnrs(edits: Tensor, originals: Tensor, keep_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-image PSNR (B,) in dB (data range 2) over the resampled cells only."""
     hole = 1.0 - F.interpolate(
         keep_tokens.view(edits.shape[0], 1, *grid).float(), size=edits.shape[-2:], mode="nearest"
     )  # (B, 1, H, W)
     sq = (edits.float() - originals.float()).square() * hole
     mse = sq.flatten(1).sum(1) / (hole.flatten(1).sum(1) * edits.shape[1]).clamp_min(1)
-    return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 def editing_metrics(edits: Tensor, originals: Tensor, labels: Tensor, keep_tokens: Tensor, grid: Any) -> dict:
-    """FID-FMNIST of the edits (test split), the share classified as the original's class, PSNR in the hole."""
+    """FID-FMNIST of the edits (test split), the share classified as the original's class, PSNR in the hole (the
+    mean over images and its standard error)."""
     from gencore.metrics import class_accuracy, fid_fmnist
 
+    per_image = hole_psnrs(edits, originals, keep_tokens, tuple(grid))
     return {
         "n": float(len(edits)),
         "fid": fid_fmnist(edits),
         "class_accuracy": class_accuracy(edits, labels),
-        "hole_psnr": hole_psnr(edits, originals, keep_tokens, tuple(grid)),
+        "hole_psnr": float(per_image.mean()),
+        "hole_psnr_se": float(per_image.std() / len(per_image) ** 0.5) if len(per_image) > 1 else float("nan"),
     }
