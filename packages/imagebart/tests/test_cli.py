@@ -125,5 +125,5 @@ def test_a_bad_mask_is_one_clear_error(trained, tmp_path):
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "mask image not found: nonsense.png" in proc.stderr, proc.stderr
+    assert "mask image not found: 'nonsense.png'" in proc.stderr, proc.stderr
     assert not (tmp_path / "edits.npz").exists()

@@ -62,3 +62,12 @@ def test_paper_presets_build_with_the_official_shapes(experiment, codes, classes
     assert stage.encoder.token_emb.weight.shape == (m.input_vocab_size, m.stage_network.dim)
     assert stage.encoder.pos_emb.emb.weight.shape[0] == 256 + 1 + (1 if classes else 0)
     assert len(gpt.blocks) == gpt_layers and gpt.head.weight.shape == (codes, m.last_stage_network.n_embd)
+
+
+def test_a_required_key_of_a_preset_is_set_from_the_command_line():
+    from gencore.cli import check_overrides
+
+    # module.first_stage.remap is ??? in the paper presets: setting it is not a misspelling
+    assert check_overrides(CONFIGS, "train", ["experiment=cin_geometric", "module.first_stage.remap=/x.npy"]) is None
+    message = check_overrides(CONFIGS, "train", ["experiment=cin_geometric", "module.first_stage.remapp=/x.npy"])
+    assert message is not None and "did you mean module.first_stage.remap?" in message

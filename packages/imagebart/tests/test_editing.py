@@ -136,3 +136,15 @@ def test_ar_inpaint_with_an_unconditional_baseline_ignores_the_labels(fmnist):
     model = Net2NetTransformer(GPT(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32), vq, SOSConditioner())
     out = ar_inpaint(model.eval(), fmnist[0][:2], named_mask("left", 32), fmnist[1][:2])
     assert out["images"].shape == (2, 1, 32, 32) and out["keep"].view(2, 8, 8)[:, :, :4].sum() == 0
+
+
+def test_mask_specs_and_a_mask_that_keeps_everything(tmp_path):
+    from imagebart.editing import expand_masks, mask_from_spec
+
+    assert torch.equal(mask_from_spec("upper", 32), named_mask("upper", 32))
+    with pytest.raises(ValueError, match=r"unknown mask: 'diagonal'; use one of upper, lower"):
+        mask_from_spec("diagonal", 32)
+    with pytest.raises(ValueError, match=r"mask image not found: 'hole\.png'"):
+        mask_from_spec("hole.png", 32)
+    with pytest.raises(ValueError, match="keeps the whole image: nothing to resample"):
+        expand_masks(torch.ones(32, 32), 2, (8, 8))

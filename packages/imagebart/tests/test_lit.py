@@ -302,3 +302,18 @@ def test_per_stage_runs_combine_into_one_model(build_imagebart):
 def test_editing_with_a_class_model_needs_the_labels(model, batch):
     with pytest.raises(ValueError, match="pass labels"):
         model.inpaint(batch["image"][:2], named_mask("upper", 32))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"temperature": 0}, r"temperature must be > 0, got 0"),
+        ({"temperature": [1, 1, -1]}, r"temperature must be > 0, got -1"),
+        ({"top_k": 0}, r"top_k must be an integer >= 1 \(values >= K=\d+ mean no filtering\)"),
+        ({"chains": [1, 0, 1]}, r"chains must be an integer >= 1"),
+        ({"top_k": [5, 5]}, r"top_k must be one value or T=3 values"),
+    ],
+)
+def test_bad_sampling_options_are_refused(model, option, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(2, labels=[1, 2], **option)

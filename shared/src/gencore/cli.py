@@ -273,7 +273,7 @@ def _nested_problem(cfg: DictConfig, name: str, arg: str) -> str | None:
     for depth, part in enumerate(parts):
         if not OmegaConf.is_dict(node):
             return None  # a list index or a value: Hydra checks the rest
-        if part not in node:
+        if part not in node.keys():  # (``in node`` is False for a ??? value)
             where = ".".join(parts[:depth])
             close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1, cutoff=0.6)
             hint = f" (did you mean {where}.{close[0]}?)" if close else f" ({where} has: {', '.join(map(str, node))})"

@@ -754,7 +754,8 @@ def check_module_package(module: nn.Module, checkpoint: Any) -> None:
     other = _sibling_script(script.rsplit("-", 1)[-1], module)
     an = "an" if type(module).__name__[:1].lower() in "aeiou" else "a"
     raise ValueError(
-        f"{checkpoint} holds {an} {type(module).__name__} ({theirs}), not a {package} model: use {other} for it"
+        f"{checkpoint} holds {an} {type(module).__name__} ({theirs}), not {'an' if package[:1] in 'aeiou' else 'a'} "
+        f"{package} model: use {other} for it"
     )
 
 

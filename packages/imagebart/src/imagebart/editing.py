@@ -30,6 +30,7 @@ __all__ = [
     "MASKS",
     "ar_inpaint",
     "editing_metrics",
+    "mask_from_spec",
     "masked_view",
     "named_mask",
     "read_mask",
@@ -58,6 +59,17 @@ def named_mask(name: str, size: int) -> Tensor:
     else:
         raise ValueError(f"unknown mask {name!r}: use one of {', '.join(MASKS)} or a mask image (white = resample)")
     return keep
+
+
+def mask_from_spec(spec: str | os.PathLike, size: int) -> Tensor:
+    """A keep mask (size, size) from a mask name (:data:`MASKS`) or a mask image path (white = resample)."""
+    name = os.fspath(spec)
+    if name in MASKS:
+        return named_mask(name, size)
+    if not os.path.isfile(name):
+        what = "mask image not found" if os.path.splitext(name)[1] else "unknown mask"
+        raise ValueError(f"{what}: {name!r}; use one of {', '.join(MASKS)} or a mask image (white = resample)")
+    return read_mask(name, (size, size))
 
 
 def read_mask(path: str | os.PathLike, size: tuple[int, int]) -> Tensor:
@@ -124,6 +136,8 @@ def expand_masks(keep: Tensor, n: int, grid: tuple[int, int], size: tuple[int, i
         raise ValueError(f"{tmask.shape[0]} masks for {n} images")
     if not bool(tmask.any(dim=1).all()):
         raise ValueError("a mask covers the whole image: nothing is kept to edit around (sample instead)")
+    if bool(tmask.all()):
+        raise ValueError("the mask keeps the whole image: nothing to resample (white = the region to resample)")
     return tmask
 
 

@@ -308,6 +308,16 @@ class ImageBART(L.LightningModule):
         unknown = sorted(set(opts) - {"top_k", "temperature", "use_cache", "chains"})
         if unknown:
             raise ValueError(f"unknown sampling option(s) {', '.join(unknown)} (top_k, temperature, use_cache, chains)")
+        T, K = self.num_steps, self.num_codes
+        for t in per_stage(opts.get("top_k"), T, "top_k"):
+            if t is not None and (int(t) != t or t < 1):
+                raise ValueError(f"top_k must be an integer >= 1 (values >= K={K} mean no filtering), got {t}")
+        for temp in per_stage(opts.get("temperature", 1.0), T, "temperature"):
+            if not float(temp) > 0:
+                raise ValueError(f"temperature must be > 0, got {temp}")
+        for c in per_stage(opts.get("chains", 1), T, "chains"):
+            if int(c) != c or c < 1:
+                raise ValueError(f"chains must be an integer >= 1, got {c}")
         return opts
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
 - :func:`train`: :func:`gencore.run.train`, after the VQGAN stage (when ``first_stage=null``) and the ``remap: auto``
   listing of the codes the VQGAN uses on the training images (:func:`imagebart.first_stage.resolve_auto_remap`).
 - :func:`sample`: images from a trained model (``grid.png``, ``samples.npz``) and ``chain.png``, the coarse-to-fine
-  chain x_T ... x_0 of the first samples decoded (each row one sample, columns t = T ... 0).
+  chain x_T ... x_0 of ``chain_rows`` more samples decoded (each row one sample, columns t = T ... 0).
 - :func:`inpaint`: masked editing of Fashion-MNIST test images or image files with a named or drawn mask.
 - :func:`evaluate`: FID-FMNIST / KID / precision-recall / class accuracy of samples, and with ``inpaint.masks`` the
   masked-editing comparison against taming's autoregressive transformer on the same images and masks
@@ -68,7 +68,8 @@ def load_model(cfg: Any) -> Any:
 
 
 def _write_chain(module: Any, cfg: DictConfig, out_dir: Path, n: int = 8) -> None:
-    """``chain.png``: the coarse-to-fine chain of ``n`` samples, decoded (rows: samples; columns: x_T ... x_0)."""
+    """``chain.png``: the coarse-to-fine chain of ``n`` more samples (drawn for the figure, not those of the grid),
+    decoded (rows: samples; columns: x_T ... x_0)."""
     from gencore.viz import save_grid
 
     _, kwargs = run.sample_request(cfg, module)
@@ -88,12 +89,15 @@ def sample(cfg: Any) -> Path:
     (``grid.png``, ``samples.npz``, ``chain.png``); returns ``out_dir``."""
     cfg = _cfg(cfg)
 
+    loaded: list[Any] = []
+
     def load(c: DictConfig, device: torch.device) -> Any:
-        return load_model(c).to(device)
+        loaded.append(load_model(c).to(device))
+        return loaded[-1]
 
     def write(out: dict[str, Any], out_dir: Path, c: DictConfig) -> None:
         if c.get("chain_rows", 8):
-            _write_chain(load_model(c), c, out_dir, int(c.get("chain_rows", 8)))
+            _write_chain(loaded[-1], c, out_dir, int(c.get("chain_rows", 8)))
 
     return run.sample(cfg, load=load, write=write)
 
@@ -118,6 +122,8 @@ def _input_images(cfg: DictConfig, module: Any) -> tuple[Tensor, Tensor | None]:
             raise ValueError(f"indices {bad} are outside the {len(ds)} Fashion-MNIST test images")
         images, all_labels = ds.tensors()
         picked = torch.as_tensor(indices)
+        if labels is not None and len(list(labels)) != len(indices):
+            raise ValueError(f"{len(indices)} images need {len(indices)} labels, got {len(list(labels))}")
         return images[picked], (all_labels[picked] if labels is None else torch.as_tensor(list(labels)).long())
     paths = [Path(str(p)) for p in (cfg.input if OmegaConf.is_list(cfg.input) else [cfg.input])]
     files: list[Path] = []
@@ -144,10 +150,9 @@ def _input_images(cfg: DictConfig, module: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def _keep_mask(cfg: DictConfig, size: int) -> Tensor:
-    from imagebart.editing import MASKS, named_mask, read_mask
+    from imagebart.editing import mask_from_spec
 
-    name = str(cfg.get("mask", "upper"))
-    return named_mask(name, size) if name in MASKS else read_mask(name, (size, size))
+    return mask_from_spec(str(cfg.get("mask", "upper")), size)
 
 
 def _sample_opts(cfg: DictConfig) -> dict[str, Any]:
@@ -165,10 +170,14 @@ def inpaint(cfg: Any) -> Path:
     n_edits = int(cfg.get("num_samples", 4))
     if n_edits < 1:
         raise ValueError(f"num_samples (edits per image) must be >= 1, got {n_edits}")
+    keep = _keep_mask(cfg, module.image_size)  # (a bad mask is refused before the images are read)
     images, labels = _input_images(cfg, module)
     if module.num_classes and labels is None:
         raise ValueError("a class-conditional model needs labels=[...] (one class per input image)")
-    keep = _keep_mask(cfg, module.image_size)
+    if not module.num_classes:
+        if cfg.get("labels") is not None:
+            raise ValueError("this model is unconditional: it takes no labels (leave labels= out)")
+        labels = None
     torch.manual_seed(int(cfg.get("seed", 0)))
     reps = images.repeat_interleave(n_edits, 0)
     rep_labels = None if labels is None else labels.repeat_interleave(n_edits, 0)
@@ -185,7 +194,7 @@ def inpaint(cfg: Any) -> Path:
         arrays["labels"] = labels.numpy()
     with io.atomic_path(out_dir / "edits.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    log.info("wrote %d edits of %d images to %s", edits.shape[0] * n_edits, len(images), out_dir)
+    log.info("wrote %d edits of %d image(s) to %s", edits.shape[0] * n_edits, len(images), out_dir)
     return out_dir
 
 
@@ -204,7 +213,7 @@ def compare_editing(
     taming ``baseline`` on the same images and masks) -> ``<mask>/<model>/<metric>`` (:func:`editing_metrics`),
     plus the first stage's reconstructions (``reconstruction/...``: what a perfect edit of the tokens scores)."""
     from gencore.data import FashionMNIST
-    from imagebart.editing import ar_inpaint, editing_metrics, named_mask
+    from imagebart.editing import ar_inpaint, editing_metrics, mask_from_spec
 
     size, channels = module.image_size, module.first_stage_model.encoder.in_channels
     images, labels = FashionMNIST(split="test", image_size=size, channels=channels, limit=num_images).tensors()
@@ -223,7 +232,7 @@ def compare_editing(
     if baseline is not None:
         models["taming_ar"] = baseline
     for name in masks:
-        keep = named_mask(name, size)
+        keep = mask_from_spec(name, size)
         for model_name, model in models.items():
             t0 = time.perf_counter()
             edits, tmasks = [], []
@@ -252,6 +261,8 @@ def evaluate(cfg: Any) -> dict[str, float]:
     from gencore.metrics import fmnist_report
 
     cfg = _cfg(cfg)
+    if not cfg.get("score_samples", True) and not (cfg.get("inpaint") or {}).get("masks"):
+        raise ValueError("nothing to evaluate: score_samples=false and no inpaint.masks=[...]")
     module = load_model(cfg)
     metrics: dict[str, float] = {}
     n, bs, seed = int(cfg.get("num_samples", 1000)), int(cfg.get("batch_size", 100)), int(cfg.get("seed", 0))
