@@ -114,6 +114,15 @@ def test_crash_writes_a_checkpoint_and_auto_resume_picks_it(tmp_path):
     assert res.trainer.global_step == 9
 
 
+@needs_fmnist
+def test_resuming_with_another_model_is_refused_before_the_run_folder_changes(tmp_path):
+    run.train(tiny_cfg(tmp_path, "trainer.max_steps=2"))
+    config = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(run.ConfigError, match=r"was trained with another model \(\d+ tensors differ in shape"):
+        run.train(tiny_cfg(tmp_path, "resume=auto", "trainer.max_steps=4", "module.width=16"))
+    assert (tmp_path / "config.yaml").read_text() == config  # the run folder still describes its checkpoints
+
+
 def test_resume_argument_errors(tmp_path):
     assert run.find_resume_checkpoint(None, tmp_path) is None
     assert run.find_resume_checkpoint("auto", tmp_path) is None  # nothing yet: fresh start

@@ -246,6 +246,25 @@ def newest_checkpoint(folder: Path, *, quiet: bool = False) -> Path | None:
     return max(steps, key=lambda p: (steps[p], p.name != CRASH, p.name == LAST))
 
 
+def check_resume_fits(module: nn.Module, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` into a ``module`` of another shape (a run folder resumed with a different
+    experiment or model size) before anything in the run folder is rewritten: tensors the two share by name must
+    agree in shape. (Keys only one side has are left to Lightning's load: a module may rename old keys itself.)"""
+    state = io.extract_state_dict(io.load_checkpoint(checkpoint))
+    mine = module.state_dict()
+    bad = [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(mine[k].shape)} now"
+        for k, v in state.items()
+        if k in mine and hasattr(v, "shape") and tuple(v.shape) != tuple(mine[k].shape)
+    ]
+    if bad:
+        raise ConfigError(
+            f"resume: {checkpoint} was trained with another model ({len(bad)} tensors differ in shape, e.g. "
+            f"{bad[0]}): resume it with the config it was trained with (its run folder's config.yaml), or start a "
+            "new run_dir"
+        )
+
+
 def remove_stray_temporaries(folder: Path) -> int:
     """Delete the ``.<name>.*.tmp`` files a killed atomic write left behind (call it holding the run lock)."""
     stray = list(folder.glob(".*.tmp")) if folder.is_dir() else []
@@ -466,6 +485,8 @@ def train(cfg: Any) -> TrainResult:
             raise ValueError(f"module config built a {type(module).__name__}, not a LightningModule")
         check_fits(module, datamodule)
         resume_from = find_resume_checkpoint(cfg.get("resume"), run_dir)
+        if resume_from is not None:
+            check_resume_fits(module, resume_from)  # before config.yaml is rewritten
         if resume_from is None and main and (ckpt_dir / LAST).is_file() and not cfg.get("overwrite", False):
             raise ConfigError(
                 f"run folder {run_dir} already holds a trained run ({ckpt_dir / LAST}): resume=auto continues it, a "
