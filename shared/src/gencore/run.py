@@ -773,11 +773,15 @@ def check_module_package(module: nn.Module, checkpoint: Any) -> None:
         return  # (a first stage of another package: the "first stage, not a generative model" error says more)
     script = Path(sys.argv[0]).name
     other = _sibling_script(script.rsplit("-", 1)[-1], module)
-    an = "an" if type(module).__name__[:1].lower() in "aeiou" else "a"
+    name = type(module).__name__
     raise ValueError(
-        f"{checkpoint} holds {an} {type(module).__name__} ({theirs}), not {'an' if package[:1] in 'aeiou' else 'a'} "
-        f"{package} model: use {other} for it"
+        f"{checkpoint} holds {_article(name)} {name} ({theirs}), not {_article(package)} {package} model: use {other} "
+        "for it"
     )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def task_device(cfg: DictConfig, state: Any = None) -> torch.device:

@@ -402,17 +402,26 @@ class ImageBART(L.LightningModule):
             )
 
         def renoise(t: int, x: Tensor, weight: float) -> Tensor:
-            return self.schedule.redraw(x, weight * float(self.schedule.betas[t]), K, generator)
+            return self.schedule.redraw(x, weight * self.schedule.beta_values[t], K, generator)
 
         return coarse_to_fine(stage, x_T, T, chains=chains, renoise=renoise, return_chain=return_chain)
 
-    @torch.no_grad()
-    def generate(self, n: int, labels: Sequence[int] | Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
-        """``n`` images (and the labels asked for): gencore's sampling contract (``<name>-sample`` / ``-eval``)."""
-        opts = self._sample_opts(kwargs)
+    def _condition(self, n: int, labels: Sequence[int] | Tensor | None) -> tuple[Tensor | None, dict[str, Any]]:
+        """(class tokens or None, what to return with the images) for ``n`` samples of ``labels``."""
         batch, out = self.cond_stage_model.generation_batch(n, labels=labels)
-        cond = self.class_tokens(batch, n)
-        tokens = self.sample_tokens(n, cond, **opts)
+        return self.class_tokens(batch, n), out
+
+    @torch.no_grad()
+    def generate(
+        self, n: int, labels: Sequence[int] | Tensor | None = None, *, return_chain: bool = False, **kwargs: Any
+    ) -> dict[str, Any]:
+        """``n`` images (and the labels asked for): gencore's sampling contract (``<name>-sample`` / ``-eval``).
+        ``return_chain`` adds ``chain``: the token maps [x_T, ..., x_0] of the coarse-to-fine chain."""
+        opts = self._sample_opts(kwargs)
+        cond, out = self._condition(n, labels)
+        tokens = self.sample_tokens(n, cond, **opts, return_chain=return_chain)
+        if return_chain:
+            tokens, out["chain"] = tokens
         out["images"] = self.decode_tokens(tokens)
         return out
 
@@ -427,20 +436,15 @@ class ImageBART(L.LightningModule):
         """Masked editing of ``images`` (B, C, H, W) in [-1, 1]: ``keep`` (1 = keep) as pixels (H, W) / (B, 1, H, W)
         or on the token grid; the tokens touching the hole are resampled. ``labels``: the images' classes (needed
         by a class-conditional model, ignored by an unconditional one). Returns ``images`` (the edits), ``sources``
-        (the inputs with the hole greyed) and ``keep`` (the token mask, (B, h, w))."""
+        (the inputs with the hole greyed) and ``keep`` (the token mask, (B, h·w) bool)."""
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
         n = images.shape[0]
         tmask = expand_masks(keep.to(images.device), n, self.grid, tuple(images.shape[-2:]))
         clean = self.encode_to_tokens(images.to(self.sos_token.device))
-        cond = None
-        if self.num_classes:
-            if labels is None:
-                raise ValueError(
-                    "a class-conditional model edits an image of a given class: pass labels (one per image)"
-                )
-            batch, _ = self.cond_stage_model.generation_batch(n, labels=labels)
-            cond = self.class_tokens(batch, n)
+        if self.num_classes and labels is None:
+            raise ValueError("a class-conditional model edits an image of a given class: pass labels (one per image)")
+        cond = self._condition(n, labels if self.num_classes else None)[0]
         opts = self._sample_opts(kwargs)
         tokens = self.sample_tokens(n, cond, clean=clean, keep=tmask, **opts)
         return {"images": self.decode_tokens(tokens), "sources": masked_view(images, tmask, self.grid), "keep": tmask}

@@ -74,12 +74,10 @@ def _write_chain(module: Any, cfg: DictConfig, out_dir: Path, n: int = 8) -> Non
 
     _, kwargs = run.sample_request(cfg, module)
     labels = kwargs.pop("labels", None)
+    if labels is not None:
+        labels = [labels[i % len(labels)] for i in range(n)]  # cycled, as for the grid
     torch.manual_seed(int(cfg.get("seed", 0)))
-    batch, _ = module.cond_stage_model.generation_batch(
-        n, labels=None if labels is None else [labels[i % len(labels)] for i in range(n)]
-    )
-    cond = module.class_tokens(batch, n)
-    _, chain = module.sample_tokens(n, cond, **module._sample_opts(kwargs), return_chain=True)
+    chain = module.generate(n, labels, return_chain=True, **kwargs)["chain"]
     images = torch.stack([module.decode_tokens(x) for x in chain], dim=1)  # (n, T + 1, C, H, W)
     save_grid(images.flatten(0, 1).cpu(), out_dir / "chain.png", nrow=len(chain))
 
@@ -155,9 +153,10 @@ def _keep_mask(cfg: DictConfig, size: int) -> Tensor:
     return mask_from_spec(str(cfg.get("mask", "upper")), size)
 
 
-def _sample_opts(cfg: DictConfig) -> dict[str, Any]:
-    opts = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
-    return {k: v for k, v in opts.items() if v is not None and k != "labels"}
+def _sample_opts(cfg: DictConfig, module: Any) -> dict[str, Any]:
+    """The ``sample.*`` options of an inpaint / eval config (:func:`gencore.run.sample_request`) without ``labels``
+    (editing takes the images' own classes)."""
+    return {k: v for k, v in run.sample_request(cfg, module)[1].items() if k != "labels"}
 
 
 def inpaint(cfg: Any) -> Path:
@@ -181,7 +180,7 @@ def inpaint(cfg: Any) -> Path:
     torch.manual_seed(int(cfg.get("seed", 0)))
     reps = images.repeat_interleave(n_edits, 0)
     rep_labels = None if labels is None else labels.repeat_interleave(n_edits, 0)
-    out = module.inpaint(reps.to(module.device), keep, rep_labels, **_sample_opts(cfg))
+    out = module.inpaint(reps.to(module.device), keep, rep_labels, **_sample_opts(cfg, module))
     edits = out["images"].cpu().view(len(images), n_edits, *images.shape[1:])
     shown = out["sources"].cpu().view(len(images), n_edits, *images.shape[1:])[:, 0]
     rows = torch.cat((images[:, None], shown[:, None], edits), dim=1)  # (N, 2 + n, C, H, W)
@@ -213,6 +212,7 @@ def compare_editing(
     taming ``baseline`` on the same images and masks) -> ``<mask>/<model>/<metric>`` (:func:`editing_metrics`),
     plus the first stage's reconstructions (``reconstruction/...``: what a perfect edit of the tokens scores)."""
     from gencore.data import FashionMNIST
+    from gencore.metrics import class_accuracy, fid_fmnist
     from imagebart.editing import ar_inpaint, editing_metrics, mask_from_spec
 
     size, channels = module.image_size, module.first_stage_model.encoder.in_channels
@@ -224,8 +224,6 @@ def compare_editing(
             for i in range(0, len(images), batch_size)
         ]
     )
-    from gencore.metrics import class_accuracy, fid_fmnist
-
     out["reconstruction/fid"] = fid_fmnist(recs)
     out["reconstruction/class_accuracy"] = class_accuracy(recs, labels)
     models = {"imagebart": module}
@@ -246,9 +244,7 @@ def compare_editing(
                 edits.append(res["images"].cpu())
                 tmasks.append(res["keep"].cpu())
             seconds = time.perf_counter() - t0
-            edited = torch.cat(edits)
-            grid = module.grid
-            metrics = editing_metrics(edited, images, labels, torch.cat(tmasks), grid)
+            metrics = editing_metrics(torch.cat(edits), images, labels, torch.cat(tmasks), module.grid)
             metrics["seconds_per_image"] = seconds / len(images)
             out.update({f"{name}/{model_name}/{k}": v for k, v in metrics.items()})
             log.info("editing %s, %s: %s", name, model_name, {k: round(v, 3) for k, v in metrics.items()})
@@ -266,7 +262,7 @@ def evaluate(cfg: Any) -> dict[str, float]:
     module = load_model(cfg)
     metrics: dict[str, float] = {}
     n, bs, seed = int(cfg.get("num_samples", 1000)), int(cfg.get("batch_size", 100)), int(cfg.get("seed", 0))
-    opts = _sample_opts(cfg)
+    opts = _sample_opts(cfg, module)
     state = run.process_state(cfg.get("device"))
     if cfg.get("score_samples", True):
         kwargs = {**module.evaluation_request(), **opts}
