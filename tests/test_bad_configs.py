@@ -26,6 +26,7 @@ SD3 = [
 ]
 GEN1 = ["experiment=tiny"]
 IMAGEBART = ["experiment=tiny"]
+GEOFREE = ["experiment=tiny"]
 LIMIT_VAL = "datamodule.limit_val=8"  # the image datamodules' validation cap
 TAMING, LDM, SD3 = [*TAMING, LIMIT_VAL], [*LDM, LIMIT_VAL], [*SD3, LIMIT_VAL]
 COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]  # if one is not refused
@@ -67,6 +68,14 @@ CASES = [
     ("imagebart", IMAGEBART, "first_stage=/nowhere", r"module\.first_stage: first stage not found: /nowhere"),
     ("imagebart", IMAGEBART, "datamodule.image_size=28", r"datamodule\.image_size=28 but module\.image_size=32"),
     ("imagebart", IMAGEBART, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    ("geofree", GEOFREE, "datamodule.size=[30,48]", r"image size 30x48 is not divisible by the VQGAN's .* factor 4"),
+    ("geofree", GEOFREE, "module.image_size=[32,32]", r"the data gives \(32, 48\) views but the model .* \(32, 32\)"),
+    ("geofree", GEOFREE, "module.depth_scale=magic", r"depth_scale must be sparse .* got 'magic'"),
+    ("geofree", GEOFREE, "module.merge_channels=100", r"merge_channels=100 but the depth and image codes are 128 wide"),
+    ("geofree", GEOFREE, "module.depth_stage=null", r"use_depth needs a depth_stage"),
+    ("geofree", GEOFREE, "first_stage=/nowhere", r"module\.first_stage: first stage not found: /nowhere"),
+    ("geofree", GEOFREE, "module.transformer.n_head=3", r"n_embd=32 must be divisible by n_head=3"),
+    ("geofree", GEOFREE, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
 ]
 
 

@@ -43,6 +43,7 @@ def test_packages_ship_checkpoints():
         "ladd_turbo",
         "gen1_video",
         "imagebart",
+        "geofree",
     }
 
 
@@ -69,6 +70,27 @@ def test_shipped_checkpoint_loads_and_works(folder):
         follows, _ = map_correlation(ours, theirs)
         other, _ = map_correlation(ours, theirs.roll(-1, dims=0))  # the content clips' layout
         assert follows > other + 0.1  # the input's layout, not the content clip's
+    elif hasattr(module, "sample_views"):  # view synthesis (geofree): samples closer to their own target than others'
+        from torch.utils.data import default_collate
+
+        from geofree.data.synthetic import SyntheticScenes
+
+        ds = SyntheticScenes(16, size=module.image_size, seed=1_000_003)
+        batch = default_collate([ds[i] for i in range(16)])
+        views = module.sample_views(batch, generator=torch.Generator().manual_seed(0))
+        assert views.shape == batch["dst_img"].shape and torch.isfinite(views).all()
+        own = (views - batch["dst_img"]).abs().mean()
+        other = (views - batch["dst_img"].roll(1, dims=0)).abs().mean()
+        assert own < other - 0.02, (own, other)  # the source and camera determine the view
+    elif folder.parents[1].name == "geofree":  # its first stages: reconstructions of the synthetic rooms' frames
+        from gencore.metrics import psnr
+        from geofree.data.synthetic import SyntheticScenes
+
+        kind = "depth" if module.model.encoder.in_channels == 1 else "frames"
+        ds = SyntheticScenes(4, kind=kind, seed=1_000_003)
+        x = torch.stack([ds[i]["image"] for i in range(16)])
+        rec = module.log_images({"image": x}, 16)["reconstructions"]
+        assert psnr(rec.clamp(-1, 1), x).mean() > MIN_PSNR.get(folder.name, 20.0)
     elif hasattr(module, "generate"):
         from gencore.metrics import class_accuracy
 

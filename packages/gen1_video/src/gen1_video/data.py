@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from gencore.data import DataModule, VideoClips, read_frames, resize_center_crop, video_info
-from gencore.data.video import frames_to_tensor, video_files
+from gencore.data.video import frames_to_tensor, video_files, write_video
 
 log = logging.getLogger(__name__)
 
@@ -256,36 +256,3 @@ def read_video(
     x = _frames_to_tensor(frames, size, channels)  # (T, C, H, W)
     fps = info.fps / stride if info.fps > 0 else 0.0
     return x.permute(1, 0, 2, 3).contiguous(), fps
-
-
-def write_video(video: Tensor, path: str | os.PathLike, fps: float = 8.0, *, min_size: int = 64) -> Path:
-    """(C, T, H, W) in [-1, 1] (C = 1 or 3) -> an mp4 (OpenCV ``mp4v``), written to a temporary name and renamed.
-    Clips whose short side is under ``min_size`` are enlarged by a whole factor (nearest neighbour: the pixels stay
-    visible; decoders, decord among them, fail on mp4s a few pixels wide). Raises OSError when OpenCV cannot write
-    it."""
-    import cv2
-
-    from gencore.viz import to_uint8
-
-    if video.dim() != 4 or video.shape[0] not in (1, 3):
-        raise ValueError(f"write_video: expected (C, T, H, W) with C = 1 or 3, got {tuple(video.shape)}")
-    factor = max(1, -(-min_size // min(video.shape[-2:])))
-    if factor > 1:
-        video = video.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    frames = to_uint8(video).permute(1, 2, 3, 0).numpy()  # (T, H, W, C)
-    if frames.shape[-1] == 1:
-        frames = frames.repeat(3, axis=-1)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    h, w = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps) if fps > 0 else 8.0, (w, h))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write {out} (mp4v)")
-    try:
-        for f in frames:
-            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    os.replace(tmp, out)
-    return out

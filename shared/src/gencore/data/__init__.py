@@ -12,7 +12,14 @@ from gencore.data.datamodules import (
 from gencore.data.fashion_mnist import CLASS_NAMES, FashionMNIST, caption_for, find_fashion_mnist, load_fashion_mnist
 from gencore.data.images import SKIMAGE_PHOTOS, ImageFolder, SkimagePhotos, load_image, resize_center_crop
 from gencore.data.pairs import EDITS, InstructionEdits, MaskedImages, apply_edit
-from gencore.data.video import OPENCV_SAMPLE_VIDEOS, VideoClips, opencv_sample_videos, read_frames, video_info
+from gencore.data.video import (
+    OPENCV_SAMPLE_VIDEOS,
+    VideoClips,
+    opencv_sample_videos,
+    read_frames,
+    video_info,
+    write_video,
+)
 
 __all__ = [
     "CLASS_NAMES",
@@ -40,4 +47,5 @@ __all__ = [
     "read_frames",
     "resize_center_crop",
     "video_info",
+    "write_video",
 ]

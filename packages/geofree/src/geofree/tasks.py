@@ -1,0 +1,341 @@
+"""The ``geofree-sample``, ``-render`` and ``-eval`` tasks (Hydra configs in geofree/configs; ``geofree-train`` is
+:func:`gencore.run.train`).
+
+- :func:`sample`: several samples of the target view for each of a few (source, camera) pairs -> ``grid.png`` (one
+  row per pair: source, true target, the explicit warp of the source, the samples) and ``samples.npz``;
+- :func:`render`: a camera trajectory from one source view -> ``video.mp4`` (each frame sampled from the source and
+  its camera, as the paper's demo does) next to the true views where the data has them;
+- :func:`evaluate`: PSNR / SSIM (/ LPIPS with local weights) of samples against the true targets on held-out pairs
+  (mean over samples and best of n), the VQGAN's reconstruction and the bare geometric warp as references, and the
+  depth probe of the transformer's hidden layers (:mod:`geofree.probe`).
+
+The pairs come from ``data`` (default: held-out synthetic rooms at the model's view size; any dataset of the same
+item keys, e.g. :class:`geofree.data.realestate.RealEstate10KSparse`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from gencore import io, run
+
+__all__ = ["evaluate", "load_model", "pairs", "render", "sample", "trajectory_cameras"]
+
+log = logging.getLogger(__name__)
+
+VAL_SEED = 1_000_003  # the seed offset of the datamodule's held-out scenes
+
+
+def _cfg(cfg: Any) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+
+
+def load_model(cfg: Any) -> Any:
+    """The view-synthesis model of ``cfg.checkpoint`` on the config's device (a first stage: one clear line)."""
+    from geofree.lit import GeoTransformer
+
+    cfg = _cfg(cfg)
+    run.check_sample_config(cfg)
+    module = run.load_for_sampling(cfg, run.task_device(cfg))
+    if not isinstance(module, GeoTransformer):
+        raise ValueError(
+            f"{cfg.checkpoint} holds a {type(module).__name__}, not a geofree view-synthesis model (a first stage "
+            "VQGAN is used through first_stage= / depth_stage=)"
+        )
+    return module
+
+
+def _dataset(cfg: DictConfig, module: Any, kind: str = "pairs") -> Any:
+    """``cfg.data`` (a dataset node) or the held-out synthetic rooms at the model's view size."""
+    from hydra.utils import instantiate
+
+    from geofree.data.synthetic import SyntheticScenes
+
+    node = cfg.get("data")
+    if node is None:
+        return SyntheticScenes(int(cfg.get("num_scenes", 100)), size=module.image_size, kind=kind, seed=VAL_SEED)
+    ds = instantiate(node)
+    return ds
+
+
+def pairs(dataset: Any, indices: list[int], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The items ``indices`` of a pair dataset collated into one batch on ``device``."""
+    bad = [i for i in indices if not 0 <= int(i) < len(dataset)]
+    if bad:
+        raise ValueError(f"indices {bad} are outside the {len(dataset)} pairs of the data")
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(0)
+    batch = default_collate([dataset[int(i)] for i in indices])
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _options(cfg: DictConfig, module: Any) -> dict[str, Any]:
+    _, opts = run.sample_request(cfg, module)
+    return module.sample_options(**opts)
+
+
+def _views(cfg: DictConfig) -> tuple[int, int, int]:
+    """(num_samples: images in all, samples_per_view, pairs = ceil(num_samples / samples_per_view)) of a config."""
+    n, per = int(cfg.get("num_samples", 32)), int(cfg.get("samples_per_view", 4))
+    if n < 1 or per < 1:
+        raise ValueError(f"num_samples and samples_per_view must be >= 1, got {n} and {per}")
+    per = min(per, n)
+    return n, per, -(-n // per)
+
+
+def sample(cfg: Any) -> Path:
+    """``geofree-sample``: ``num_samples`` views in all, ``samples_per_view`` for each of the pairs ``indices`` (the
+    first ones needed) -> ``out_dir`` (``grid.png``: one row per pair: source, true target, the source warped with
+    its depth, the samples; ``samples.npz``)."""
+    from gencore.viz import save_grid, to_uint8
+    from geofree.geometry import normalize_camera, render_forward
+
+    cfg = _cfg(cfg)
+    module = load_model(cfg)
+    opts = _options(cfg, module)
+    total, n, n_pairs = _views(cfg)
+    indices = [int(i) for i in cfg.get("indices") or []] or list(range(n_pairs))
+    if len(indices) < n_pairs:
+        indices += [i for i in range(max(indices) + 1, max(indices) + 1 + n_pairs - len(indices))]
+    indices = indices[:n_pairs]
+    batch = pairs(_dataset(cfg, module), indices, module.device)
+    gen = torch.Generator(module.device).manual_seed(int(cfg.get("seed", 0)))
+    samples = module.sample_views(batch, n, generator=gen, **opts).cpu()
+    disp = module.source_disparity(batch)
+    disp_n, t_n, _ = normalize_camera(disp, batch["t_rel"].float())
+    warped = render_forward(batch["src_img"].float(), 1 / disp_n, batch["R_rel"], t_n, batch["K_inv"], batch["K"])
+    b = len(indices)
+    shape = samples.shape[1:]
+    cols = [batch["src_img"].cpu()[:, None]]
+    if "dst_img" in batch:
+        cols.append(batch["dst_img"].cpu()[:, None])
+    cols += [warped.cpu()[:, None], samples.view(b, n, *shape)]
+    rows = torch.cat(cols, dim=1)
+    out_dir = Path(str(cfg.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(rows.flatten(0, 1), out_dir / "grid.png", nrow=rows.shape[1])
+    arrays = {"images": to_uint8(samples[:total]).numpy(), "sources": to_uint8(batch["src_img"].cpu()).numpy()}
+    arrays["pairs"] = np.asarray(indices)
+    if "dst_img" in batch:
+        arrays["targets"] = to_uint8(batch["dst_img"].cpu()).numpy()
+    with io.atomic_path(out_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    log.info("wrote %d samples of %d view(s) to %s (grid columns: source, target, warp, samples)", total, b, out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------- render
+TRAJECTORIES = ("scene", "forward", "backward", "left", "right", "orbit", "turn")
+
+
+def trajectory_cameras(kind: str, steps: int, magnitude: float) -> tuple[Tensor, Tensor]:
+    """Relative cameras (R (steps, 3, 3), t (steps, 3)) of a generated path, world-to-camera, the source camera at
+    the origin: ``forward`` / ``backward`` along the optical axis, ``left`` / ``right`` sideways, ``turn`` yaws in
+    place, ``orbit`` circles a point 2 units ahead while looking at it. ``magnitude``: the total translation in the
+    data's pose units (``forward`` ... ``right``) or the total angle in radians (``turn``, ``orbit``)."""
+    from geofree.data.synthetic import look_camera
+
+    if kind not in TRAJECTORIES[1:]:
+        raise ValueError(f"unknown trajectory {kind!r}; choose one of {', '.join(TRAJECTORIES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    Rs, ts = [], []
+    for k in range(1, steps + 1):
+        a = k / steps
+        yaw = 0.0
+        center = np.zeros(3)
+        if kind == "forward":
+            center[2] = magnitude * a
+        elif kind == "backward":
+            center[2] = -magnitude * a
+        elif kind in ("left", "right"):
+            center[0] = (-1 if kind == "left" else 1) * magnitude * a
+        elif kind == "turn":
+            yaw = magnitude * a
+        else:  # orbit: sideways on a circle around a point 2 units ahead, looking at it
+            phi = magnitude * a
+            center = np.array([2.0 * math.sin(phi), 0.0, 2.0 - 2.0 * math.cos(phi)])
+            yaw = -phi
+        R, t = look_camera(center, yaw)
+        Rs.append(R)
+        ts.append(t)
+    return torch.as_tensor(np.stack(Rs), dtype=torch.float32), torch.as_tensor(np.stack(ts), dtype=torch.float32)
+
+
+def render(cfg: Any) -> Path:
+    """``geofree-render``: frames along a camera trajectory from one source view -> ``out_dir/video.mp4`` (samples),
+    ``truth.mp4`` (the synthetic scene's true views, for ``trajectory=scene``) and ``frames.png``."""
+    from gencore.data import write_video
+    from gencore.viz import save_grid
+
+    cfg = _cfg(cfg)
+    module = load_model(cfg)
+    opts = _options(cfg, module)
+    kind = str(cfg.get("trajectory", "scene"))
+    if kind not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectory {kind!r}; choose one of {', '.join(TRAJECTORIES)}")
+    steps = int(cfg.get("steps", 8))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dataset = _dataset(cfg, module)
+    index = int(cfg.get("index", 0))
+    truth = None
+    if kind == "scene":
+        if not hasattr(dataset, "pair") or not hasattr(dataset, "num_frames"):
+            raise ValueError(
+                "trajectory=scene needs the synthetic rooms (their whole camera walk); use a generated one"
+            )
+        if not 0 <= index < len(dataset):
+            raise ValueError(f"index {index} is outside the {len(dataset)} scenes")
+        frames = list(range(1, dataset.num_frames))[:steps]
+        items = [dataset.pair(index, 0, f) for f in frames]
+        batch = default_collate(items)
+        truth = batch["dst_img"]
+    else:
+        base = pairs(dataset, [index])
+        R, t = trajectory_cameras(kind, steps, float(cfg.get("magnitude", 0.6)))
+        batch = {
+            k: v.expand(steps, *v.shape[1:]) if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in base.items()
+        }
+        batch = {k: v for k, v in batch.items() if k not in ("dst_img", "dst_depth", "label")}
+        # the relative camera of each frame (the source is the origin: R_rel = R_k, t_rel = t_k), in the data's units
+        batch["R_rel"], batch["t_rel"] = R, t
+    batch = {k: v.to(module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    gen = torch.Generator(module.device).manual_seed(int(cfg.get("seed", 0)))
+    views = module.sample_views(batch, 1, generator=gen, **opts).cpu()  # (steps, C, H, W)
+    src = batch["src_img"][:1].cpu()
+    video = torch.cat((src, views), dim=0)  # the source, then the synthesised frames
+    out_dir = Path(str(cfg.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fps = float(cfg.get("fps", 4))
+    write_video(video.permute(1, 0, 2, 3), out_dir / "video.mp4", fps=fps, min_size=int(cfg.get("min_size", 128)))
+    rows = [video]
+    if truth is not None:
+        truth_video = torch.cat((src, truth), dim=0)
+        write_video(
+            truth_video.permute(1, 0, 2, 3), out_dir / "truth.mp4", fps=fps, min_size=int(cfg.get("min_size", 128))
+        )
+        rows.append(truth_video)
+    save_grid(torch.cat(rows), out_dir / "frames.png", nrow=video.shape[0])
+    log.info("wrote %d frames (%s trajectory) to %s", video.shape[0], kind, out_dir / "video.mp4")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+def _ssim(x: Tensor, y: Tensor) -> Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(
+        (x + 1) / 2, (y + 1) / 2, data_range=1.0, reduction="none", kernel_size=min(11, *x.shape[-2:]) // 2 * 2 - 1
+    )
+
+
+def _psnr(x: Tensor, y: Tensor) -> Tensor:
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def view_metrics(
+    module: Any,
+    dataset: Any,
+    *,
+    num_pairs: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    lpips: Any = None,
+    **options: Any,
+) -> dict[str, float]:
+    """Samples of the first ``num_pairs`` pairs against the true targets: ``psnr`` / ``ssim`` (/ ``lpips``) averaged
+    over samples, ``psnr_best`` (best of ``num_samples`` per pair), plus ``reconstruction/*`` (the VQGAN's
+    reconstruction of the target: the ceiling of any token model) and ``warp/*`` (the source splatted with the scaled
+    depth, holes grey: geometry alone)."""
+    from geofree.geometry import normalize_camera, render_forward
+
+    if num_pairs < 1 or num_pairs > len(dataset):
+        raise ValueError(f"num_pairs must be in [1, {len(dataset)}] (the data's pairs), got {num_pairs}")
+    scores: dict[str, list[Tensor]] = {}
+
+    def add(name: str, value: Tensor) -> None:
+        scores.setdefault(name, []).append(value.float().cpu())
+
+    gen = torch.Generator(module.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    for start in range(0, num_pairs, batch_size):
+        idx = list(range(start, min(num_pairs, start + batch_size)))
+        batch = pairs(dataset, idx, module.device)
+        target = batch["dst_img"].float()
+        samples = module.sample_views(batch, num_samples, generator=gen, **options).float()
+        rep = target.repeat_interleave(num_samples, 0)
+        psnr = _psnr(samples, rep).view(len(idx), num_samples)
+        add("psnr", psnr.mean(1))
+        add("psnr_best", psnr.amax(1))
+        add("ssim", _ssim(samples, rep).view(len(idx), num_samples).mean(1))
+        if lpips is not None:
+            add(
+                "lpips", torch.stack([lpips(s[None], r[None]) for s, r in zip(samples, rep)]).view(len(idx), -1).mean(1)
+            )
+        rec = module.decode_indices(module.encode_to_indices(target)[1]).float()
+        add("reconstruction/psnr", _psnr(rec, target))
+        add("reconstruction/ssim", _ssim(rec, target))
+        disp_n, t_n, _ = normalize_camera(module.source_disparity(batch), batch["t_rel"].float())
+        warp = render_forward(batch["src_img"].float(), 1 / disp_n, batch["R_rel"], t_n, batch["K_inv"], batch["K"])
+        add("warp/psnr", _psnr(warp, target))
+        add("warp/ssim", _ssim(warp, target))
+    out = {}
+    for name, values in scores.items():
+        v = torch.cat(values)
+        out[name] = float(v.mean())
+        out[f"{name}_se"] = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    out["seconds_per_sample"] = (time.perf_counter() - t0) / (num_pairs * num_samples)
+    return out
+
+
+def evaluate(cfg: Any) -> dict[str, float]:
+    """``geofree-eval``: :func:`view_metrics` of ``num_samples`` samples (``samples_per_view`` for each of the first
+    held-out pairs) and, with ``probe.enabled``, the depth probe -> ``out_dir/metrics.json``."""
+    from gencore.metrics.pretrained import lpips_metric
+    from geofree.probe import depth_probe
+
+    cfg = _cfg(cfg)
+    module = load_model(cfg)
+    opts = _options(cfg, module)
+    lpips = None
+    if cfg.get("lpips_weights"):
+        lpips = lpips_metric("vgg", cfg.lpips_weights).to(module.device)
+    dataset = _dataset(cfg, module)
+    _, per, n_pairs = _views(cfg)
+    metrics = view_metrics(
+        module,
+        dataset,
+        num_pairs=n_pairs,
+        num_samples=per,
+        batch_size=int(cfg.get("batch_size", 50)),
+        seed=int(cfg.get("seed", 0)),
+        lpips=lpips,
+        **opts,
+    )
+    probe = cfg.get("probe") or {}
+    if probe.get("enabled", False):
+        result = depth_probe(
+            module,
+            dataset,
+            num_train=int(probe.get("num_train", 400)),
+            num_test=int(probe.get("num_test", 100)),
+            batch_size=int(cfg.get("batch_size", 50)),
+            ridge=float(probe.get("ridge", 1e-3)),
+        )
+        metrics.update({f"probe/{k}": v for k, v in result.items()})
+    run.write_metrics(metrics, Path(str(cfg.get("out_dir") or Path(str(cfg.checkpoint)) / "eval")))
+    return metrics
