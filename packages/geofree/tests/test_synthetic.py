@@ -261,3 +261,36 @@ def test_datamodule_factory(kind, channels):
     batch = next(iter(dm.val_dataloader()))
     key = "src_img" if kind == "pairs" else "image"
     assert batch[key].shape == (2, channels, 8, 12)
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
+def test_training_epochs_redraw_the_pairs():
+    import lightning as L
+
+    class Record(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen: dict[int, set[bytes]] = {}
+
+        def training_step(self, batch, batch_idx):
+            points = {p.numpy().tobytes() for p in batch["src_points"]}
+            self.seen.setdefault(self.current_epoch, set()).update(points)
+            return self.w * 0.0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = SyntheticScenesDataModule(size=(8, 12), num_scenes=4, num_val_scenes=1, batch_size=4, num_workers=0)
+    module = Record()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(module.seen[0]) == len(module.seen[1]) == 4
+    assert module.seen[0].isdisjoint(module.seen[1])  # the second epoch draws new pairs (new sparse points)

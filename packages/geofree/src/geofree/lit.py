@@ -187,9 +187,11 @@ class GeoTransformer(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- inputs
     def check_datamodule(self, datamodule: Any) -> None:
         """The data's view size against the model's (gencore.validate.check_fits)."""
+        from gencore.validate import ConfigError
+
         size = getattr(datamodule, "image_size", None)
         if size is not None and tuple(int(s) for s in size) != self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the data gives {tuple(size)} views but the model is built for {self.image_size} (module.image_size)"
             )
 

@@ -34,14 +34,14 @@ def realestate_datamodule(
     **loader_kwargs: Any,
 ):
     """A gencore DataModule over :class:`RealEstate10KSparse` (ACID: the same layout): training pairs from
-    ``<root>/<train_split>``; validation on ``<root>/<val_split>``: the official 564 fixed pairs when ``frames_file``
+    ``<root>/<train_split>`` (a new pair of each sequence on every access); validation on ``<root>/<val_split>``: the official 564 fixed pairs when ``frames_file``
     (data/realestate_custom_frames.txt) is given, else pairs drawn as in training."""
     from gencore.data import DataModule
 
     common = dict(size=tuple(size), max_points=max_points)
     val_mode = dict(mode="custom_test", frames_file=frames_file) if frames_file else dict(mode="train")
     dm = DataModule(
-        train=lambda: RealEstate10KSparse(root, split=train_split, mode="train", **common),
+        train=lambda: RealEstate10KSparse(root, split=train_split, mode="train", fresh_pairs=True, **common),
         val=lambda: RealEstate10KSparse(root, split=val_split, **val_mode, **common),
         **loader_kwargs,
     )

@@ -648,6 +648,17 @@ def pair_label(dst_third: int, src_third: int) -> int:
     return (0 if diff > 0 else 2) + (1 if abs(diff) == 2 else 0)
 
 
+def pair_rng(seed: int, epoch: int, index: int, *, fresh: bool = False) -> np.random.Generator:
+    """The generator of one item's pair: ``(seed, epoch, index)`` (reproducible), or with ``fresh`` a new draw from
+    torch's RNG (seeded per DataLoader worker by Lightning's ``seed_everything(workers=True)``): training sees a new
+    pair of each sequence every epoch, also from persistent workers."""
+    if fresh:
+        import torch
+
+        return np.random.default_rng([int(torch.randint(0, 2**62, ()).item()), index])
+    return np.random.default_rng([seed, epoch, index])
+
+
 def sample_pair_by_thirds(n_frames: int, rng: np.random.Generator) -> tuple[int, int, int]:
     """Paper pair sampling: ``(dst_index, src_index, label)`` for a sequence of ``n_frames`` (>= 3) sorted frames.
 
@@ -738,6 +749,7 @@ class _PairDataset(Dataset):
         self.mode = mode
         self.seed = int(seed)
         self.epoch = 0
+        self.fresh_pairs = False
         self.skipped: dict[str, int] = {}
         self._skip_notes: list[str] = []
         self._counter: Counter = Counter()
@@ -852,7 +864,7 @@ class _PairDataset(Dataset):
             rec = self._seqs[si]
         else:
             rec = self._seqs[index]
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = pair_rng(self.seed, self.epoch, index, fresh=self.fresh_pairs)
             di, si_, label = sample_pair_by_thirds(len(rec.frames), rng)
             dst, src = str(rec.frames[di]), str(rec.frames[si_])
         d = self._load(rec, dst, src)
@@ -886,7 +898,9 @@ class RealEstate10KSparse(_PairDataset):
 
     * ``mode="train"``: one item per sequence; each ``__getitem__`` draws a pair by thirds (module docstring) with
       ``np.random.default_rng([seed, epoch, index])`` -- reproducible, and different per epoch via :meth:`set_epoch`
-      (call it before creating the epoch's DataLoader iterator so that worker copies see it).
+      (call it before creating the epoch's DataLoader iterator so that worker copies see it); ``fresh_pairs=True``
+      (the training datamodule's choice) draws a new pair on every access instead, from the worker's seeded torch RNG
+      (persistent DataLoader workers never see a ``set_epoch`` made in the main process).
     * ``mode="custom_test"``: ``frames_file`` lines ``seq,a,b,c`` give 4 pairs per sequence, in the official order
       ``b|a, c|a, a|b, a|c`` (destination | source) with labels 0, 1, 2, 3; sequences sorted by name.
 
@@ -919,9 +933,11 @@ class RealEstate10KSparse(_PairDataset):
         seed: int = 0,
         sequences: Sequence[str] | None = None,
         validate: bool = False,
+        fresh_pairs: bool = False,
     ):
         self.validate = bool(validate)
         super().__init__(root, split, size, max_points, mode, frames_file, limit, seed, sequences)
+        self.fresh_pairs = bool(fresh_pairs)
 
     def _list_sequences(self, split_dir: Path) -> list[str]:
         return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
@@ -1042,9 +1058,11 @@ class RealEstate10KCameras(_PairDataset):
         limit: int | None = None,
         seed: int = 0,
         sequences: Sequence[str] | None = None,
+        fresh_pairs: bool = False,
     ):
         self.frames_root = Path(frames_root)
         super().__init__(root, split, size, max_points, mode, frames_file, limit, seed, sequences)
+        self.fresh_pairs = bool(fresh_pairs)
 
     def _list_sequences(self, split_dir: Path) -> list[str]:
         return sorted(p.stem for p in split_dir.glob("*.txt") if p.is_file())

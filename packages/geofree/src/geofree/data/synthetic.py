@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from geofree.data.realestate import pair_rng
+
 __all__ = [
     "OPENCV_TEXTURES",
     "Room",
@@ -242,7 +244,8 @@ class SyntheticScenes(Dataset):
     """Rendered rooms: ``num_scenes`` scenes, each a walk of ``num_frames`` cameras, fixed by ``seed``.
 
     ``kind``:
-      - ``"pairs"``: one item per scene (the paper's pairing, redrawn per epoch: :meth:`set_epoch`): ``src_img``,
+      - ``"pairs"``: one item per scene (the paper's pairing; fixed by (seed, index, :meth:`set_epoch`), or drawn anew
+        on every access with ``fresh_pairs``, as the training datamodule does): ``src_img``,
         ``dst_img`` (3, H, W) in [-1, 1], ``R_rel``, ``t_rel`` (world-to-camera relative pose src -> dst), ``K``,
         ``K_inv``, ``src_points`` (num_points, 3), ``src_mono_disparity``, ``src_depth``, ``dst_depth`` (H, W),
         ``has_points``, ``label``;
@@ -264,6 +267,7 @@ class SyntheticScenes(Dataset):
         max_boxes: int = 3,
         texture_size: int = TEXTURE_SIZE,
         cache: int = 50_000,
+        fresh_pairs: bool = False,
     ) -> None:
         if kind not in ("pairs", "frames", "depth"):
             raise ValueError(f"SyntheticScenes: kind must be pairs | frames | depth, got {kind!r}")
@@ -277,6 +281,7 @@ class SyntheticScenes(Dataset):
         self.seed, self.num_points, self.max_boxes, self.texture_size = seed, num_points, max_boxes, texture_size
         self.K = default_intrinsics(h, w, fov_x_deg)
         self.epoch = 0
+        self.fresh_pairs = bool(fresh_pairs)
         self._view = functools.lru_cache(maxsize=cache)(self._render)
 
     def set_epoch(self, epoch: int) -> None:
@@ -307,7 +312,10 @@ class SyntheticScenes(Dataset):
                 return {"image": torch.from_numpy(color).permute(2, 0, 1) * 2 - 1}
             disp = 1.0 / depth
             return {"image": torch.from_numpy(2 * disp / disp.max() - 1)[None].float()}
-        rng = np.random.default_rng([self.seed, index, self.epoch, 7])
+        if self.fresh_pairs:
+            rng = pair_rng(self.seed, self.epoch, index, fresh=True)
+        else:
+            rng = np.random.default_rng([self.seed, index, self.epoch, 7])
         dst, src, label = _thirds_pair(self.num_frames, rng)
         return self.pair(index, src, dst, rng, label)
 
@@ -356,13 +364,13 @@ def SyntheticScenesDataModule(
     num_points: int = 64,
     **loader_kwargs: Any,
 ):
-    """A gencore DataModule over :class:`SyntheticScenes`: training scenes from ``seed``, validation scenes from
-    another seed (never seen in training)."""
+    """A gencore DataModule over :class:`SyntheticScenes`: training scenes from ``seed`` (a new pair of each scene on
+    every access), validation scenes from another seed (never seen in training; fixed pairs)."""
     from gencore.data import DataModule
 
     common = dict(num_frames=num_frames, size=tuple(size), kind=kind, num_points=num_points)
     dm = DataModule(
-        train=lambda: SyntheticScenes(num_scenes, seed=seed, **common),
+        train=lambda: SyntheticScenes(num_scenes, seed=seed, fresh_pairs=True, **common),
         val=lambda: SyntheticScenes(num_val_scenes, seed=seed + 1_000_003, **common),
         **loader_kwargs,
     )

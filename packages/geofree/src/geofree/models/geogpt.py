@@ -159,7 +159,10 @@ class WarpGPT(GPT):
         tok = self.tok_emb(idx)
         if embeddings is not None:
             tok = torch.cat((embeddings.to(tok.dtype), tok), dim=1)
-        tok, pos = self.warper(tok, self.pos_emb[:, : tok.shape[1]], warp)
+        pos = self.pos_emb[:, : tok.shape[1]]
+        if not torch.is_grad_enabled():  # a no-grad view of a parameter has requires_grad but no grad_fn: module
+            pos = pos.detach()  # hooks (torch.utils.flop_counter, module_tracker) refuse such inputs
+        tok, pos = self.warper(tok, pos, warp)
         return self.drop(tok + pos)
 
     def forward(
