@@ -529,7 +529,7 @@ def train(cfg: Any) -> TrainResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.is_global_zero:
         log.info("trained %d steps; run folder: %s", trainer.global_step, run_dir)
-        if hasattr(module, "generate"):
+        if generates(module):
             log.info("sample from it: %s checkpoint=%s num_samples=16", _sibling_script("sample", module), run_dir)
         else:  # a first stage: evaluated by its reconstructions, used by the model trained over it
             log.info("evaluate it: %s checkpoint=%s", _sibling_script("eval", module), run_dir)
@@ -639,6 +639,12 @@ def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
     if all("captions" in b for b in batches):
         result["captions"] = [c for b in batches for c in b["captions"]]
     return result
+
+
+def generates(module: nn.Module) -> bool:
+    """Whether a trained module is a generative model (``generate(n, ...)``, or ``generates = True`` for one sampled
+    through its package's own tasks, e.g. geofree's view synthesis from a source image), not a first stage."""
+    return hasattr(module, "generate") or bool(getattr(module, "generates", False))
 
 
 def _check_generate_args(module: nn.Module, num_samples: int, batch_size: int) -> None:
@@ -769,7 +775,7 @@ def check_module_package(module: nn.Module, checkpoint: Any) -> None:
     """A console script loads only its own package's models: ``sd3-sample`` on a taming run says so in one line
     (which command fits) instead of failing inside the other model's sampler."""
     package, theirs = _script_package(), type(module).__module__.split(".", 1)[0]
-    if package is None or package == theirs or package == "gencore" or not hasattr(module, "generate"):
+    if package is None or package == theirs or package == "gencore" or not generates(module):
         return  # (a first stage of another package: the "first stage, not a generative model" error says more)
     script = Path(sys.argv[0]).name
     other = _sibling_script(script.rsplit("-", 1)[-1], module)

@@ -19,7 +19,7 @@ Loss pieces: :func:`adopt_weight` (a weight that switches on at a step), :func:`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -45,6 +45,25 @@ def scaled_learning_rate(module: L.LightningModule, lr: float, scale: bool) -> f
     trainer = module.trainer
     bs = getattr(trainer.datamodule, "batch_size", 1) if trainer.datamodule is not None else 1
     return lr * bs * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def adamw_lambda_lr(
+    module: L.LightningModule,
+    groups: list[dict[str, Any]],
+    *,
+    learning_rate: float,
+    scale_lr: bool,
+    betas: tuple[float, float],
+    lr_lambda: Callable[[int], float],
+) -> dict[str, Any]:
+    """``configure_optimizers``' answer for AdamW over ``groups`` at the rate (scaled with ``scale_lr``:
+    :func:`scaled_learning_rate`) times ``lr_lambda(step)`` every optimizer step (``LambdaLR``): the recipe of the
+    official taming-style transformers (a base rate x batch x devices x accumulation, times a warm-up + cosine
+    multiplier)."""
+    lr = scaled_learning_rate(module, learning_rate, scale_lr)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lr_lambda)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
 def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.0) -> float:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencore.modules import freeze
-from gencore.training import scaled_learning_rate
+from gencore.training import adamw_lambda_lr
 from geofree.depth import BatchDisparity
 from geofree.geometry import (
     check_intrinsics,
@@ -87,6 +87,8 @@ class GeoTransformer(L.LightningModule):
             lr_min at max_decay_steps).
         sample: default sampling options (top_k: official 100; temperature; use_cache).
     """
+
+    generates = True  # a generative model (sampled by geofree-sample / -render from a source view and a camera)
 
     def __init__(
         self,
@@ -165,18 +167,29 @@ class GeoTransformer(L.LightningModule):
         if merge_channels is not None:
             self.merge_conv = nn.Conv2d(int(merge_channels), self.n_embd, kernel_size=1, bias=False)
         self.warps = isinstance(self.transformer, WarpGPT)
+        if not self._conditions_on_camera():
+            raise ValueError(
+                "without camera tokens the camera must enter through a warp: use a WarpGPT transformer (expl_emb) or "
+                "geofree.lit.WarpingTransformer (expl_img), or camera_tokens=true"
+            )
 
         self.learning_rate, self.scale_lr = float(learning_rate), scale_lr
-        self.lr_schedule = LambdaWarmUpCosineScheduler(
+        self.lr_schedule = LambdaWarmUpCosineScheduler.for_run(
             warm_up_steps=warmup_steps,
             lr_min=lr_min,
             lr_max=lr_max,
             lr_start=lr_start,
-            max_decay_steps=max(max_decay_steps, warmup_steps + 1),
+            max_decay_steps=max_decay_steps,
         )
         self.weight_decay, self.betas = float(weight_decay), tuple(betas)
         self.sample_kwargs = dict(sample or {})
         self._checked_data = False
+
+    def _conditions_on_camera(self) -> bool:
+        """Overridden by variants whose conditioning carries the camera otherwise (the warped source image)."""
+        return self.camera_tokens or self.warps
+
+    probe_view = "src"  # the view whose cells the prefix's grid positions hold (the depth probe's target)
 
     def _prefix_indices(self, n_cells: int) -> int:
         """How many conditioning *indices* the prefix holds (after the continuous embeddings)."""
@@ -334,10 +347,14 @@ class GeoTransformer(L.LightningModule):
         return groups
 
     def configure_optimizers(self) -> Any:
-        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
-        opt = torch.optim.AdamW(self.optimizer_groups(), lr=lr, betas=self.betas)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return adamw_lambda_lr(
+            self,
+            self.optimizer_groups(),
+            learning_rate=self.learning_rate,
+            scale_lr=self.scale_lr,
+            betas=self.betas,
+            lr_lambda=self.lr_schedule,
+        )
 
     # ------------------------------------------------------------------------------------------------- sampling
     def sample_options(self, **kwargs: Any) -> dict[str, Any]:
@@ -427,6 +444,11 @@ class WarpingTransformer(GeoTransformer):
         if kwargs["use_depth"] or kwargs["camera_tokens"]:
             raise ValueError("WarpingTransformer (expl_img) conditions on the warped image only")
         super().__init__(first_stage, transformer, **kwargs)
+
+    probe_view = "dst"  # its prefix holds the source warped into the target view
+
+    def _conditions_on_camera(self) -> bool:
+        return True  # through the warp
 
     @torch.no_grad()
     def warped_source(self, batch: dict[str, Any], *, check: bool = False) -> tuple[Tensor, Tensor, Tensor]:

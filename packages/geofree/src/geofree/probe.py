@@ -22,12 +22,17 @@ __all__ = ["cell_disparity", "depth_probe", "fit_ridge", "probe_features", "r2_s
 
 
 def cell_disparity(batch: dict[str, Any], module: Any) -> Tensor:
-    """(B, h·w) mean normalised disparity of the source view per token cell (true depth when the batch has it)."""
-    if "src_depth" in batch:
-        disp = 1.0 / batch["src_depth"].float().clamp(min=1e-6)
+    """(B, h·w) mean normalised disparity per token cell of the view the prefix's grid holds (``module.probe_view``:
+    the source; for expl_img the target, into which the source was warped): the true depth when the batch has it,
+    else (source only) the model's own scaled estimate."""
+    view = getattr(module, "probe_view", "src")
+    if f"{view}_depth" in batch:
+        disp = 1.0 / batch[f"{view}_depth"].float().clamp(min=1e-6)
         disp = disp / disp.flatten(1).amax(1)[:, None, None]
-    else:
+    elif view == "src":
         disp = module.conditioning(batch, check=True)["disparity"]
+    else:
+        raise ValueError(f"the depth probe of this model needs the batch's {view}_depth (the data's true depth)")
     return F.adaptive_avg_pool2d(disp[:, None], module.grid).flatten(1)
 
 

@@ -84,30 +84,42 @@ def _options(cfg: DictConfig, module: Any) -> dict[str, Any]:
     return module.sample_options(**opts)
 
 
-def _views(cfg: DictConfig) -> tuple[int, int, int]:
-    """(num_samples: images in all, samples_per_view, pairs = ceil(num_samples / samples_per_view)) of a config."""
-    n, per = int(cfg.get("num_samples", 32)), int(cfg.get("samples_per_view", 4))
-    if n < 1 or per < 1:
-        raise ValueError(f"num_samples and samples_per_view must be >= 1, got {n} and {per}")
+def _views(cfg: DictConfig, default_pairs: int = 8) -> tuple[list[int], int, int]:
+    """(the pairs, samples_per_view, images in all) of a sample / eval config: ``indices`` (default the first ones),
+    ``samples_per_view`` for each; ``num_samples`` (when set) is the number of images in all, from as many pairs as it
+    needs."""
+    per = int(cfg.get("samples_per_view", 4))
+    if per < 1:
+        raise ValueError(f"samples_per_view must be >= 1, got {per}")
+    n = cfg.get("num_samples")
+    indices = [int(i) for i in cfg.get("indices") or []]
+    if n is None:
+        indices = indices or list(range(default_pairs))
+        return indices, per, len(indices) * per
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1, got {n}")
     per = min(per, n)
-    return n, per, -(-n // per)
+    needed = -(-n // per)
+    if indices and len(indices) < needed:
+        raise ValueError(
+            f"indices lists {len(indices)} pair(s), but num_samples={n} at samples_per_view={per} needs {needed}: "
+            "give more indices, or leave num_samples out (samples_per_view for each listed pair)"
+        )
+    return (indices or list(range(needed)))[:needed], per, n
 
 
 def sample(cfg: Any) -> Path:
-    """``geofree-sample``: ``num_samples`` views in all, ``samples_per_view`` for each of the pairs ``indices`` (the
-    first ones needed) -> ``out_dir`` (``grid.png``: one row per pair: source, true target, the source warped with
-    its depth, the samples; ``samples.npz``)."""
+    """``geofree-sample``: ``samples_per_view`` views for each of the pairs ``indices`` (default 0 ... 7; with
+    ``num_samples``: that many views in all, from the first pairs needed) -> ``out_dir``: ``grid.png`` (one row per
+    pair: source, true target, the source warped with its depth, the samples) and ``samples.npz``."""
     from gencore.viz import save_grid, to_uint8
     from geofree.geometry import normalize_camera, render_forward
 
     cfg = _cfg(cfg)
     module = load_model(cfg)
     opts = _options(cfg, module)
-    total, n, n_pairs = _views(cfg)
-    indices = [int(i) for i in cfg.get("indices") or []] or list(range(n_pairs))
-    if len(indices) < n_pairs:
-        indices += [i for i in range(max(indices) + 1, max(indices) + 1 + n_pairs - len(indices))]
-    indices = indices[:n_pairs]
+    indices, n, total = _views(cfg)
     batch = pairs(_dataset(cfg, module), indices, module.device)
     gen = torch.Generator(module.device).manual_seed(int(cfg.get("seed", 0)))
     samples = module.sample_views(batch, n, generator=gen, **opts).cpu()
@@ -315,11 +327,13 @@ def evaluate(cfg: Any) -> dict[str, float]:
     if cfg.get("lpips_weights"):
         lpips = lpips_metric("vgg", cfg.lpips_weights).to(module.device)
     dataset = _dataset(cfg, module)
-    _, per, n_pairs = _views(cfg)
+    indices, per, _ = _views(cfg, default_pairs=100)
+    if indices != list(range(len(indices))):
+        raise ValueError("geofree-eval scores the first held-out pairs: set num_samples (and samples_per_view)")
     metrics = view_metrics(
         module,
         dataset,
-        num_pairs=n_pairs,
+        num_pairs=len(indices),
         num_samples=per,
         batch_size=int(cfg.get("batch_size", 50)),
         seed=int(cfg.get("seed", 0)),

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gencore.conditioning import Conditioner, NoConditioner
 from gencore.modules import check_index_range, freeze
-from gencore.training import scaled_learning_rate
+from gencore.training import adamw_lambda_lr
 from imagebart.diffusion import MultinomialSchedule, posterior, stage_loss
 from imagebart.editing import expand_masks, masked_view
 from imagebart.sampling import coarse_to_fine, gpt_session, keep_guide, per_stage, sample_sequence
@@ -180,13 +180,12 @@ class ImageBART(L.LightningModule):
                 freeze(net)
 
         self.learning_rate, self.scale_lr = float(learning_rate), scale_lr
-        # (a short debug run may end before the warm-up does: the cosine part then starts right after it)
-        self.lr_schedule = LambdaWarmUpCosineScheduler(
+        self.lr_schedule = LambdaWarmUpCosineScheduler.for_run(
             warm_up_steps=warmup_steps,
             lr_min=lr_min,
             lr_max=lr_max,
             lr_start=lr_start,
-            max_decay_steps=max(max_decay_steps, warmup_steps + 1),
+            max_decay_steps=max_decay_steps,
         )
         self.weight_decay, self.betas = float(weight_decay), tuple(betas)
         self.sample_kwargs = dict(sample or {})
@@ -297,10 +296,14 @@ class ImageBART(L.LightningModule):
                 groups.extend(net.optimizer_groups(self.weight_decay))
             else:  # the official AdamW(transformer.parameters()): weight decay on everything
                 groups.append({"params": list(net.parameters()), "weight_decay": self.weight_decay})
-        lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
-        opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return adamw_lambda_lr(
+            self,
+            groups,
+            learning_rate=self.learning_rate,
+            scale_lr=self.scale_lr,
+            betas=self.betas,
+            lr_lambda=self.lr_schedule,
+        )
 
     # ----------------------------------------------------------------------------------------------- sampling
     def _sample_opts(self, kwargs: dict[str, Any]) -> dict[str, Any]:

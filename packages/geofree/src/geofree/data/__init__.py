@@ -34,8 +34,9 @@ def realestate_datamodule(
     **loader_kwargs: Any,
 ):
     """A gencore DataModule over :class:`RealEstate10KSparse` (ACID: the same layout): training pairs from
-    ``<root>/<train_split>`` (a new pair of each sequence on every access); validation on ``<root>/<val_split>``: the official 564 fixed pairs when ``frames_file``
-    (data/realestate_custom_frames.txt) is given, else pairs drawn as in training."""
+    ``<root>/<train_split>`` (a new pair of each sequence on every access); validation on ``<root>/<val_split>``: the
+    official 564 fixed pairs when ``frames_file`` (data/realestate_custom_frames.txt) is given, else pairs drawn as in
+    training (fixed)."""
     from gencore.data import DataModule
 
     common = dict(size=tuple(size), max_points=max_points)

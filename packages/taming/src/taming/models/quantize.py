@@ -442,6 +442,20 @@ class LambdaWarmUpCosineScheduler:
         self.warm_up_steps, self.max_decay_steps = warm_up_steps, max_decay_steps
         self.lr_min, self.lr_max, self.lr_start = float(lr_min), float(lr_max), float(lr_start)
 
+    @classmethod
+    def for_run(
+        cls, *, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int
+    ) -> LambdaWarmUpCosineScheduler:
+        """The schedule of a run whose ``max_decay_steps`` may not exceed its warm-up (a short debug run): the cosine
+        part then starts right after the warm-up."""
+        return cls(
+            warm_up_steps=warm_up_steps,
+            lr_min=lr_min,
+            lr_max=lr_max,
+            lr_start=lr_start,
+            max_decay_steps=max(max_decay_steps, warm_up_steps + 1),
+        )
+
     def __call__(self, step: int) -> float:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
