@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 from gencore.io import CheckpointKeyError, UnsafeCheckpointError
 from geofree.convert import load_geofree, official_settings
 from geofree.data.synthetic import SyntheticScenes
-from geofree.lit import GeoTransformer
+from geofree.lit import GeoTransformer, WarpingTransformer
 from geofree.models.geogpt import ConvWarper, WarpGPT
 from taming.models.mingpt import GPT
 from taming.models.vqgan import VQGAN_PRESETS, build_vqmodel
@@ -73,6 +73,8 @@ def _our_model(config: dict) -> GeoTransformer:
         transformer = functools.partial(WarpGPT, warper=functools.partial(ConvWarper), **tp)
     else:
         transformer = functools.partial(GPT, **tp)
+    if s["variant"] == "expl_img":
+        return WarpingTransformer(first, transformer, image_size=(8, 12))
     use_depth = s["use_depth"] and s["variant"] != "expl_emb"
     return GeoTransformer(
         first,
@@ -107,6 +109,7 @@ VARIANTS = {
     "impl_catdepth": ("geofree.models.transformers.geogpt.GeoTransformer", None, True, False, 30 + 48),
     "hybrid": ("geofree.models.transformers.geogpt.WarpGeoTransformer", 32, True, True, 30 + 24),
     "expl_emb": ("geofree.models.transformers.warpgpt.WarpTransformer", None, False, True, 24),
+    "expl_img": ("geofree.models.transformers.net2net.WarpingTransformer", None, False, False, 24),
 }
 
 

@@ -252,6 +252,13 @@ def _ssim(x: Tensor, y: Tensor) -> Tensor:
     )
 
 
+def _token_nll(module: Any, batch: dict[str, Any]) -> Tensor:
+    """(B,) mean negative log-likelihood (nats) of each pair's target tokens under the model."""
+    logits, z = module.target_logits(batch)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), z, reduction="none")
+    return nll.mean(1)
+
+
 def _psnr(x: Tensor, y: Tensor) -> Tensor:
     mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
     return -10 * torch.log10(mse.clamp(min=1e-10))
@@ -271,8 +278,10 @@ def view_metrics(
 ) -> dict[str, float]:
     """Samples of the first ``num_pairs`` pairs against the true targets: ``psnr`` / ``ssim`` (/ ``lpips``) averaged
     over samples, ``psnr_best`` (best of ``num_samples`` per pair), plus ``reconstruction/*`` (the VQGAN's
-    reconstruction of the target: the ceiling of any token model) and ``warp/*`` (the source splatted with the scaled
-    depth, holes grey: geometry alone)."""
+    reconstruction of the target: the ceiling of any token model), ``warp/*`` (the source splatted with the scaled
+    depth, holes grey: geometry alone), ``source/*`` (the source view itself as the answer: no model), and ``nll`` /
+    ``nll_other_source``: the target tokens' NLL (nats per token) given the true source and given another pair's
+    source (the gap: how much the model uses the source)."""
     from geofree.geometry import normalize_camera, render_forward
 
     if num_pairs < 1 or num_pairs > len(dataset):
@@ -305,6 +314,15 @@ def view_metrics(
         warp = render_forward(batch["src_img"].float(), 1 / disp_n, batch["R_rel"], t_n, batch["K_inv"], batch["K"])
         add("warp/psnr", _psnr(warp, target))
         add("warp/ssim", _ssim(warp, target))
+        src = batch["src_img"].float()  # no model at all: the source view as the answer
+        add("source/psnr", _psnr(src, target))
+        add("source/ssim", _ssim(src, target))
+        # how much the model uses its conditioning: the target tokens' NLL given the true source vs another pair's
+        # source (same camera); a model that ignores the source scores the same on both
+        add("nll", _token_nll(module, batch))
+        if len(idx) > 1:
+            other = {k: v.roll(1, 0) if k.startswith("src_") and isinstance(v, Tensor) else v for k, v in batch.items()}
+            add("nll_other_source", _token_nll(module, other))
     out = {}
     for name, values in scores.items():
         v = torch.cat(values)
