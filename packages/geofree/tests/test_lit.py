@@ -298,6 +298,10 @@ def test_check_batch_errors(batch):
         m.check_batch({**batch, "t_rel": batch["t_rel"][:2]})
     with pytest.raises(ValueError, match="orthonormal"):  # sampling checks its inputs too
         m.sample_views({**batch, "R_rel": batch["R_rel"] * 1.1})
+    with pytest.raises(ValueError, match=r"K_inv is not the inverse of K"):
+        m.check_batch({**batch, "K_inv": torch.eye(3).expand(4, 3, 3)})
+    with pytest.raises(ValueError, match=r"K_inv must have the shape of K \(4, 3, 3\), got \(4, 3, 4\)"):
+        m.check_batch({**batch, "K_inv": torch.zeros(4, 3, 4)})
 
 
 def test_construction_errors():
@@ -315,6 +319,8 @@ def test_construction_errors():
         build("impl_nodepth", merge_channels=32)
     with pytest.raises(ValueError, match="warped image only"):
         build("expl_img", camera_tokens=True)
+    with pytest.raises(ValueError, match="without camera tokens the camera must enter through a warp"):
+        GeoTransformer(image_vq, gpt, image_size=SIZE, use_depth=False, camera_tokens=False)
     f4_depth = build_vqmodel("fmnist_f4")  # 1 channel, f = 4
     with pytest.raises(ValueError, match="depth VQGAN downsamples by 4, the image VQGAN by 2"):
         GeoTransformer(image_vq, gpt, f4_depth, image_size=SIZE, merge_channels=80)

@@ -227,8 +227,13 @@ class GeoTransformer(L.LightningModule):
                 )
         b = src.shape[0]
         check_rotation(batch["R_rel"], "R_rel")
-        check_intrinsics(batch["K"], "K")
-        check_intrinsics(batch["K_inv"].inverse(), "K_inv (its inverse)")
+        K, K_inv = check_intrinsics(batch["K"], "K"), batch["K_inv"]
+        if K_inv.shape != K.shape:
+            raise ValueError(f"K_inv must have the shape of K {tuple(K.shape)}, got {tuple(K_inv.shape)}")
+        eye = torch.eye(3, dtype=torch.float64, device=K.device)
+        err = float((K.double() @ K_inv.double() - eye).abs().amax())
+        if not err < 1e-3:
+            raise ValueError(f"K_inv is not the inverse of K (max |K K_inv - I| = {err:.3g})")
         if batch["t_rel"].shape[-1] != 3:
             raise ValueError(f"t_rel must be (B, 3), got {tuple(batch['t_rel'].shape)}")
         for key in ("R_rel", "t_rel", "K", "K_inv"):

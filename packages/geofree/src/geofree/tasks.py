@@ -57,6 +57,7 @@ def load_model(cfg: Any) -> Any:
 
 def _dataset(cfg: DictConfig, module: Any, kind: str = "pairs") -> Any:
     """``cfg.data`` (a dataset node) or the held-out synthetic rooms at the model's view size."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from geofree.data.synthetic import SyntheticScenes
@@ -64,8 +65,11 @@ def _dataset(cfg: DictConfig, module: Any, kind: str = "pairs") -> Any:
     node = cfg.get("data")
     if node is None:
         return SyntheticScenes(int(cfg.get("num_scenes", 100)), size=module.image_size, kind=kind, seed=VAL_SEED)
-    ds = instantiate(node)
-    return ds
+    try:
+        return instantiate(node)
+    except InstantiationException as err:  # one line naming the dataset's own complaint, not Hydra's wrapper
+        cause = err.__cause__ or err
+        raise ValueError(f"data: {type(cause).__name__}: {cause}") from err
 
 
 def pairs(dataset: Any, indices: list[int], device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -117,9 +121,9 @@ def sample(cfg: Any) -> Path:
     from geofree.geometry import normalize_camera, render_forward
 
     cfg = _cfg(cfg)
+    indices, n, total = _views(cfg)  # (the config's own checks before anything loads)
     module = load_model(cfg)
     opts = _options(cfg, module)
-    indices, n, total = _views(cfg)
     batch = pairs(_dataset(cfg, module), indices, module.device)
     gen = torch.Generator(module.device).manual_seed(int(cfg.get("seed", 0)))
     samples = module.sample_views(batch, n, generator=gen, **opts).cpu()
@@ -191,14 +195,14 @@ def render(cfg: Any) -> Path:
     from gencore.viz import save_grid
 
     cfg = _cfg(cfg)
-    module = load_model(cfg)
-    opts = _options(cfg, module)
-    kind = str(cfg.get("trajectory", "scene"))
+    kind = str(cfg.get("trajectory", "scene"))  # (the config's own checks before anything loads)
     if kind not in TRAJECTORIES:
         raise ValueError(f"unknown trajectory {kind!r}; choose one of {', '.join(TRAJECTORIES)}")
     steps = int(cfg.get("steps", 8))
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    module = load_model(cfg)
+    opts = _options(cfg, module)
     dataset = _dataset(cfg, module)
     index = int(cfg.get("index", 0))
     truth = None
@@ -209,7 +213,12 @@ def render(cfg: Any) -> Path:
             )
         if not 0 <= index < len(dataset):
             raise ValueError(f"index {index} is outside the {len(dataset)} scenes")
-        frames = list(range(1, dataset.num_frames))[:steps]
+        if steps > dataset.num_frames - 1:
+            raise ValueError(
+                f"steps={steps} exceeds the room's camera walk ({dataset.num_frames - 1} frames after the source); "
+                "a generated trajectory (orbit, forward, ...) takes any number"
+            )
+        frames = list(range(1, steps + 1))
         items = [dataset.pair(index, 0, f) for f in frames]
         batch = default_collate(items)
         truth = batch["dst_img"]
