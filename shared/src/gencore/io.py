@@ -368,8 +368,13 @@ def read_state_dict(path_or_state: Any, *, map_location: Any = "cpu") -> tuple[d
 
 
 def frozen_prefixes(module: nn.Module) -> list[str]:
-    """State-dict prefixes of submodules marked frozen (``_genlab_frozen = True``, e.g. a latent codec)."""
-    return [f"{name}." for name, m in module.named_modules() if name and getattr(m, "_genlab_frozen", False)]
+    """State-dict prefixes of submodules marked frozen (``_genlab_frozen = True``, e.g. a latent codec), under every
+    name a shared one is registered by (geofree's ``cond_stage_model`` is its ``first_stage_model``)."""
+    return [
+        f"{name}."
+        for name, m in module.named_modules(remove_duplicate=False)
+        if name and getattr(m, "_genlab_frozen", False)
+    ]
 
 
 def rename_legacy_keys(

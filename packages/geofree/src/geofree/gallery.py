@@ -4,7 +4,11 @@ plausible views per source and camera) and a rendered camera walk next to the ro
 from gencore.gallery import Entry
 
 CHECKPOINT = "pkg://geofree/checkpoints/impl_nodepth_scenes"
-HEADLINE = "HEADLINE"
+HEADLINE = (
+    "toy (2,000 steps on CPU): samples 12.8 dB PSNR vs the true view; the target tokens are 0.04 nats likelier given "
+    "their own source than another's: the model has only begun to use its conditioning (the README's verdict); "
+    "KV-cached sampling 20-43x the official loop"
+)
 
 
 def entries() -> list[Entry]:
@@ -23,7 +27,7 @@ def entries() -> list[Entry]:
             headline=HEADLINE,
             note="Each row: the source view, the true target view, the source forward-warped with its depth (what "
             "geometry alone gives: holes), then four samples of the implicit model, which only saw the source's tokens "
-            "and 30 camera numbers.",
+            "and 30 camera numbers. At this budget they are textures of the rooms, not yet the target view.",
         ),
         Entry(
             package="geofree",

@@ -29,7 +29,7 @@ from torch.utils.data import default_collate
 
 from gencore import io, run
 
-__all__ = ["evaluate", "load_model", "pairs", "render", "sample", "trajectory_cameras"]
+__all__ = ["evaluate", "load_model", "pairs", "render", "sample", "token_nll", "trajectory_cameras", "view_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _ssim(x: Tensor, y: Tensor) -> Tensor:
     )
 
 
-def _token_nll(module: Any, batch: dict[str, Any]) -> Tensor:
+def token_nll(module: Any, batch: dict[str, Any]) -> Tensor:
     """(B,) mean negative log-likelihood (nats) of each pair's target tokens under the model."""
     logits, z = module.target_logits(batch)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), z, reduction="none")
@@ -328,10 +328,10 @@ def view_metrics(
         add("source/ssim", _ssim(src, target))
         # how much the model uses its conditioning: the target tokens' NLL given the true source vs another pair's
         # source (same camera); a model that ignores the source scores the same on both
-        add("nll", _token_nll(module, batch))
+        add("nll", token_nll(module, batch))
         if len(idx) > 1:
             other = {k: v.roll(1, 0) if k.startswith("src_") and isinstance(v, Tensor) else v for k, v in batch.items()}
-            add("nll_other_source", _token_nll(module, other))
+            add("nll_other_source", token_nll(module, other))
     out = {}
     for name, values in scores.items():
         v = torch.cat(values)
