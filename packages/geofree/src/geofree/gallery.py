@@ -33,8 +33,8 @@ def entries() -> list[Entry]:
             package="geofree",
             title="A camera walk through a held-out room, each frame sampled from the first",
             command=["geofree-render", f"checkpoint={CHECKPOINT}", "index=3", "steps=11", "out_dir={out}"],
-            media=["video.mp4", "frames.png"],
+            media=["video.gif", "frames.png"],
             headline=HEADLINE,
-            note="frames.png: top row the sampled frames (the source first), bottom row the room's true views.",
+            note="Left / top: the sampled frames (the source first); right / bottom: the room's true views.",
         ),
     ]

@@ -190,9 +190,10 @@ def trajectory_cameras(kind: str, steps: int, magnitude: float) -> tuple[Tensor,
 
 def render(cfg: Any) -> Path:
     """``geofree-render``: frames along a camera trajectory from one source view -> ``out_dir/video.mp4`` (samples),
-    ``truth.mp4`` (the synthetic scene's true views, for ``trajectory=scene``) and ``frames.png``."""
+    ``truth.mp4`` (the synthetic scene's true views, for ``trajectory=scene``), ``frames.png`` and ``video.gif`` (both:
+    the samples, and the true views beside them when there are)."""
     from gencore.data import write_video
-    from gencore.viz import save_grid
+    from gencore.viz import save_gif, save_grid
 
     cfg = _cfg(cfg)
     kind = str(cfg.get("trajectory", "scene"))  # (the config's own checks before anything loads)
@@ -248,6 +249,9 @@ def render(cfg: Any) -> Path:
         )
         rows.append(truth_video)
     save_grid(torch.cat(rows), out_dir / "frames.png", nrow=video.shape[0])
+    # the same frames as a GIF (the samples, and the true views beside them): plays wherever an image shows
+    scale = max(1, -(-int(cfg.get("min_size", 128)) // min(video.shape[-2:])))
+    save_gif(torch.stack(rows).permute(0, 2, 1, 3, 4), out_dir / "video.gif", fps=fps, scale=scale)
     log.info("wrote %d frames (%s trajectory) to %s", video.shape[0], kind, out_dir / "video.mp4")
     return out_dir
 
