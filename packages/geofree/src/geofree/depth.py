@@ -14,7 +14,6 @@ are modules ``estimator(batch) -> (B, H, W)`` disparity (up to an affine map):
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -113,8 +112,3 @@ class MidasDisparity(nn.Module):
         d = d if d.dim() == 4 else d[:, None]
         d = F.interpolate(d.float(), size=(h, w), mode="bicubic", align_corners=False)[:, 0]
         return d.clamp(min=1e-8)
-
-
-# the official default range of the fixed-scale (no points) path, in disparity
-FIXED_SCALE = (0.18577382, 0.93059154)
-assert math.isfinite(FIXED_SCALE[0])

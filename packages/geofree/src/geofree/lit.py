@@ -265,6 +265,16 @@ class GeoTransformer(L.LightningModule):
             raise ValueError("depth_scale=sparse needs the batch's src_points (or module.depth_scale=fixed)")
         return scaled_disparity(est, batch["src_points"].float(), check=check)
 
+    @torch.no_grad()
+    def warped_source(self, batch: dict[str, Any], *, check: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The source view splatted into the target camera with its scaled depth (holes 0, i.e. grey: geometry
+        alone; ``expl_img``'s conditioning), with the normalised disparity and alpha it used."""
+        disp = self.source_disparity(batch, check=check)
+        disp_n, t_n, alpha = normalize_camera(disp, batch["t_rel"].float())
+        K, K_inv = batch["K"].float(), batch["K_inv"].float()
+        warped = render_forward(batch["src_img"].float(), 1.0 / disp_n, batch["R_rel"].float(), t_n, K_inv, K)
+        return warped, disp_n, alpha
+
     def conditioning(self, batch: dict[str, Any], *, check: bool = False) -> dict[str, Any]:
         """The prefix: ``embeddings`` (B, E, n_embd) or None, ``indices`` (B, P) long, ``warp`` inputs or None, and
         the normalised disparity ``disparity`` (B, H, W) / ``alpha`` (B,)."""
@@ -329,7 +339,7 @@ class GeoTransformer(L.LightningModule):
         """Official groups: transformer Linear / Conv2d weights decayed; its biases, norms, embeddings, pos_emb not;
         the camera embedder and merge_conv in an extra undecayed group."""
         decay, no_decay = [], []
-        for _mn, m in self.transformer.named_modules():
+        for m in self.transformer.modules():
             for pn, p in m.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
@@ -417,7 +427,7 @@ class GeoTransformer(L.LightningModule):
         c = self.conditioning(batch, check=True)
         seq = torch.cat((c["indices"], z), dim=1)[:, :-1]
         gpt = self.transformer
-        x = gpt._embed_warped(seq, c["embeddings"], 0, c["warp"]) if self.warps else gpt._embed(seq, c["embeddings"], 0)
+        x = gpt._embed(seq, c["embeddings"], 0, **({"warp": c["warp"]} if self.warps else {}))
         states = [x]
         for block in gpt.blocks:
             x = block(x)
@@ -454,16 +464,6 @@ class WarpingTransformer(GeoTransformer):
 
     def _conditions_on_camera(self) -> bool:
         return True  # through the warp
-
-    @torch.no_grad()
-    def warped_source(self, batch: dict[str, Any], *, check: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """The source view splatted into the target camera (holes 0, i.e. grey), with the normalised disparity and
-        alpha it used."""
-        disp = self.source_disparity(batch, check=check)
-        disp_n, t_n, alpha = normalize_camera(disp, batch["t_rel"].float())
-        K, K_inv = batch["K"].float(), batch["K_inv"].float()
-        warped = render_forward(batch["src_img"].float(), 1.0 / disp_n, batch["R_rel"].float(), t_n, K_inv, K)
-        return warped, disp_n, alpha
 
     def conditioning(self, batch: dict[str, Any], *, check: bool = False) -> dict[str, Any]:
         with torch.no_grad():

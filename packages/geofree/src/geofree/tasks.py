@@ -118,7 +118,6 @@ def sample(cfg: Any) -> Path:
     ``num_samples``: that many views in all, from the first pairs needed) -> ``out_dir``: ``grid.png`` (one row per
     pair: source, true target, the source warped with its depth, the samples) and ``samples.npz``."""
     from gencore.viz import save_grid, to_uint8
-    from geofree.geometry import normalize_camera, render_forward
 
     cfg = _cfg(cfg)
     indices, n, total = _views(cfg)  # (the config's own checks before anything loads)
@@ -127,9 +126,7 @@ def sample(cfg: Any) -> Path:
     batch = pairs(_dataset(cfg, module), indices, module.device)
     gen = torch.Generator(module.device).manual_seed(int(cfg.get("seed", 0)))
     samples = module.sample_views(batch, n, generator=gen, **opts).cpu()
-    disp = module.source_disparity(batch)
-    disp_n, t_n, _ = normalize_camera(disp, batch["t_rel"].float())
-    warped = render_forward(batch["src_img"].float(), 1 / disp_n, batch["R_rel"], t_n, batch["K_inv"], batch["K"])
+    warped = module.warped_source(batch, check=True)[0]
     b = len(indices)
     shape = samples.shape[1:]
     cols = [batch["src_img"].cpu()[:, None]]
@@ -295,8 +292,6 @@ def view_metrics(
     depth, holes grey: geometry alone), ``source/*`` (the source view itself as the answer: no model), and ``nll`` /
     ``nll_other_source``: the target tokens' NLL (nats per token) given the true source and given another pair's
     source (the gap: how much the model uses the source)."""
-    from geofree.geometry import normalize_camera, render_forward
-
     if num_pairs < 1 or num_pairs > len(dataset):
         raise ValueError(f"num_pairs must be in [1, {len(dataset)}] (the data's pairs), got {num_pairs}")
     scores: dict[str, list[Tensor]] = {}
@@ -323,8 +318,7 @@ def view_metrics(
         rec = module.decode_indices(module.encode_to_indices(target)[1]).float()
         add("reconstruction/psnr", _psnr(rec, target))
         add("reconstruction/ssim", _ssim(rec, target))
-        disp_n, t_n, _ = normalize_camera(module.source_disparity(batch), batch["t_rel"].float())
-        warp = render_forward(batch["src_img"].float(), 1 / disp_n, batch["R_rel"], t_n, batch["K_inv"], batch["K"])
+        warp = module.warped_source(batch, check=True)[0]
         add("warp/psnr", _psnr(warp, target))
         add("warp/ssim", _ssim(warp, target))
         src = batch["src_img"].float()  # no model at all: the source view as the answer

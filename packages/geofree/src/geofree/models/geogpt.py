@@ -123,9 +123,9 @@ class WarpGPT(GPT):
     """The GPT with a :class:`ConvWarper` on its prefix (official ``WarpGPT``; ``warper`` is a factory that receives
     ``n_unmasked``, ``block_size`` and ``n_embd``, e.g. a ``_partial_`` ConvWarper with ``size`` and ``start_idx``).
 
-    ``forward`` / ``forward_cached`` take the warp inputs ``warp = {depth (B, H, W), R, t, K, K_inv}`` (image-size
-    depth in the pose's scale); :meth:`bind` fixes them, giving the plain GPT interface that
-    :func:`taming.sampling.sample_tokens` drives."""
+    ``forward`` / ``forward_cached`` (GPT's: they pass it on to :meth:`_embed`) take the warp inputs ``warp = {depth
+    (B, H, W), R, t, K, K_inv}`` (image-size depth in the pose's scale); :meth:`bind` fixes them, giving the plain GPT
+    interface that :func:`taming.sampling.sample_tokens` drives."""
 
     def __init__(
         self,
@@ -150,48 +150,20 @@ class WarpGPT(GPT):
         extra = {k: v for k, v in extra.items() if k not in keywords}
         self.warper = warper(n_unmasked=n_unmasked, block_size=block_size, n_embd=n_embd, **extra)
 
-    def _embed_warped(self, idx: Tensor, embeddings: Tensor | None, start: int, warp: Mapping[str, Any] | None):
+    def _embed(
+        self, idx: Tensor, embeddings: Tensor | None, start: int, warp: Mapping[str, Any] | None = None
+    ) -> Tensor:
+        """GPT's input with the prefix warped (``forward`` / ``forward_cached`` pass ``warp`` here)."""
         if warp is None:
             raise ValueError("WarpGPT: the warp inputs (depth, R, t, K, K_inv) are required")
         if start:  # later cached calls: the prefix was warped in the first one
-            return self._embed(idx, embeddings, start)
-        self._embed(idx, embeddings, 0)  # the input checks (cheap); the sum is rebuilt from warped parts below
-        tok = self.tok_emb(idx)
-        if embeddings is not None:
-            tok = torch.cat((embeddings.to(tok.dtype), tok), dim=1)
+            return super()._embed(idx, embeddings, start)
+        tok = self._token_embeddings(idx, embeddings, 0)
         pos = self.pos_emb[:, : tok.shape[1]]
         if not torch.is_grad_enabled():  # a no-grad view of a parameter has requires_grad but no grad_fn: module
             pos = pos.detach()  # hooks (torch.utils.flop_counter, module_tracker) refuse such inputs
         tok, pos = self.warper(tok, pos, warp)
         return self.drop(tok + pos)
-
-    def forward(
-        self,
-        idx: Tensor,
-        embeddings: Tensor | None = None,
-        targets: Tensor | None = None,
-        warp: Mapping[str, Any] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        x = self.blocks(self._embed_warped(idx, embeddings, 0, warp))
-        logits = self._head(x)
-        loss = None
-        if targets is not None:
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
-
-    def forward_cached(
-        self,
-        idx: Tensor,
-        caches: list[KVCache],
-        embeddings: Tensor | None = None,
-        warp: Mapping[str, Any] | None = None,
-    ) -> Tensor:
-        if len(caches) != self.n_layer:
-            raise ValueError(f"WarpGPT.forward_cached: expected {self.n_layer} caches, got {len(caches)}")
-        x = self._embed_warped(idx, embeddings, caches[0].length, warp)
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, cache)
-        return self._head(x)
 
     def bind(self, warp: Mapping[str, Any]) -> WarpBinding:
         return WarpBinding(self, warp)

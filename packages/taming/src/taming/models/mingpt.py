@@ -236,8 +236,8 @@ class GPT(nn.Module):
         return self.block_size
 
     # ----------------------------------------------------------------------------------------------------------------
-    def _embed(self, idx: Tensor, embeddings: Tensor | None, start: int) -> Tensor:
-        """Token embeddings (after optional prepended ``embeddings``) plus positions ``start, start+1, ...``."""
+    def _token_embeddings(self, idx: Tensor, embeddings: Tensor | None, start: int) -> Tensor:
+        """The checked inputs as (B, E + T, d): optional ``embeddings`` then the token embeddings, no positions."""
         if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"GPT: idx must be a long tensor of shape (B, T), got {got}")
@@ -263,19 +263,28 @@ class GPT(nn.Module):
             x = torch.cat((embeddings.to(x.dtype), x), dim=1)  # (B, E + T, d)
         if x.shape[1] == 0:
             raise ValueError("GPT: nothing to forward (T = 0 and no embeddings)")
+        return x
+
+    def _embed(self, idx: Tensor, embeddings: Tensor | None, start: int) -> Tensor:
+        """Token embeddings (after optional prepended ``embeddings``) plus positions ``start, start+1, ...``.
+
+        The one step a subclass overrides to condition the input differently (its extra keyword arguments arrive
+        through :meth:`forward` / :meth:`forward_cached`, e.g. geofree's WarpGPT takes the warp inputs)."""
+        x = self._token_embeddings(idx, embeddings, start)
         return self.drop(x + self.pos_emb[:, start : start + x.shape[1]])
 
     def _head(self, x: Tensor) -> Tensor:
         return self.head(self.ln_f(x))  # (B, L, vocab_size)
 
     def forward(
-        self, idx: Tensor, embeddings: Tensor | None = None, targets: Tensor | None = None
+        self, idx: Tensor, embeddings: Tensor | None = None, targets: Tensor | None = None, **embed_kwargs: Any
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, E + T, vocab_size) for long ``idx`` (B, T) after optional ``embeddings`` (B, E, n_embd).
 
         Position ``t`` predicts token ``t + 1``. With ``targets`` (B, E + T) also the mean cross-entropy.
+        ``embed_kwargs`` go to :meth:`_embed` (none for this class).
         """
-        x = self.blocks(self._embed(idx, embeddings, 0))  # (B, L, d)
+        x = self.blocks(self._embed(idx, embeddings, 0, **embed_kwargs))  # (B, L, d)
         logits = self._head(x)
         loss = None
         if targets is not None:
@@ -311,7 +320,9 @@ class GPT(nn.Module):
             device=ref.device if device is None else device,
         )
 
-    def forward_cached(self, idx: Tensor, caches: list[KVCache], embeddings: Tensor | None = None) -> Tensor:
+    def forward_cached(
+        self, idx: Tensor, caches: list[KVCache], embeddings: Tensor | None = None, **embed_kwargs: Any
+    ) -> Tensor:
         """Logits (B, E + T, vocab_size) of the new positions, appending their keys / values to ``caches``.
 
         The new positions start at ``caches[0].length``. The first call may hold a whole prefix (conditioning
@@ -323,7 +334,7 @@ class GPT(nn.Module):
         start = caches[0].length
         if any(c.length != start for c in caches):
             raise ValueError(f"GPT.forward_cached: caches hold different lengths {[c.length for c in caches]}")
-        x = self._embed(idx, embeddings, start)  # (B, L, d)
+        x = self._embed(idx, embeddings, start, **embed_kwargs)  # (B, L, d)
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
         return self._head(x)
