@@ -1,9 +1,6 @@
-import contextlib
 import os
 import pickle
 import re
-import sys
-import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,34 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gencore import io
-from gencore.testing import TinyAutoencoderModule
-
-
-@contextlib.contextmanager
-def fake_classes(spec):
-    """Classes named like foreign ones (e.g. Lightning 1.x), importable by pickle from stand-in modules.
-
-    Every module on the way (``pytorch_lightning``, ``pytorch_lightning.callbacks``, ...) is a stand-in while the
-    context is open, so an installed package of that name is neither imported nor touched."""
-    roots = {q.split(".", 1)[0] for q in spec}
-    saved = {k: v for k, v in sys.modules.items() if k.split(".", 1)[0] in roots}
-    for k in saved:
-        del sys.modules[k]
-    made = {}
-    try:
-        for qualname, base in spec.items():
-            parts = qualname.split(".")
-            for i in range(1, len(parts)):
-                sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-            mod_name = ".".join(parts[:-1])
-            cls = type(parts[-1], (base,), {"__module__": mod_name})
-            setattr(sys.modules[mod_name], parts[-1], cls)
-            made[qualname] = cls
-        yield made
-    finally:
-        for k in [k for k in sys.modules if k.split(".", 1)[0] in roots]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+from gencore.testing import TinyAutoencoderModule, fake_classes
 
 
 def save_lightning1(path, state_dict, legacy=False):

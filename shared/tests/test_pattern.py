@@ -17,7 +17,14 @@ from gencore.conditioning import Conditioner, NoConditioner, requested_captions,
 from gencore.latents import LatentNormalizer
 from gencore.modules import check_index_range
 from gencore.testing import HostSyncError, no_host_sync
-from gencore.training import GANModule, adaptive_weight, adopt_weight, hinge_d_loss, vanilla_d_loss
+from gencore.training import (
+    GANModule,
+    LambdaWarmUpCosineScheduler,
+    adaptive_weight,
+    adopt_weight,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
 
 # ----------------------------------------------------------------------------------------------- conditioners
 
@@ -251,6 +258,46 @@ def test_gan_module_update_ratio_and_discriminator_rate():
     assert opt_g.param_groups[0]["lr"] == 0.05 and opt_d.param_groups[0]["lr"] == 0.2
     with pytest.raises(ValueError, match="generator_every"):
         GANModule(learning_rate=0.1, generator_every=0)
+
+
+class ScheduledGAN(ToyGAN):
+    """ToyGAN with the warm-up + cosine multiplier on both players (the guided-inpainting recipe)."""
+
+    def __init__(self):
+        GANModule.__init__(
+            self,
+            learning_rate=0.05,
+            discriminator_learning_rate=0.005,
+            lr_lambda=LambdaWarmUpCosineScheduler(
+                warm_up_steps=4, lr_start=0.1, lr_max=1.0, lr_min=0.01, max_decay_steps=10
+            ),
+        )
+        self.g = nn.Linear(1, 1)
+        self.d = nn.Sequential(nn.Linear(1, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        self.disc_start, self.d_steps_seen = 0, []
+
+
+def test_gan_module_schedules_both_rates_per_batch_and_resumes_the_schedule(tmp_path):
+    sched = LambdaWarmUpCosineScheduler(warm_up_steps=4, lr_start=0.1, lr_max=1.0, lr_min=0.01, max_decay_steps=10)
+    assert sched(0) == pytest.approx(0.1) and sched(4) == pytest.approx(1.0) and sched(10) == pytest.approx(0.01)
+    assert sched(2) == pytest.approx(0.55) and sched(7) == pytest.approx(0.01 + 0.5 * 0.99)
+    data = torch.utils.data.DataLoader([{"x": torch.tensor([3.0])}] * 64, batch_size=8)
+    model = ScheduledGAN()
+    trainer = L.Trainer(max_steps=2 * 3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    opt_g, opt_d = model.optimizers()
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(0.05 * sched(3))  # three batches: the multiplier of step 3
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(0.005 * sched(3))
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = ScheduledGAN()
+    trainer = L.Trainer(max_steps=2 * 6, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(resumed, data, ckpt_path=ckpt)
+    opt_g, opt_d = resumed.optimizers()
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(0.05 * sched(6))  # the schedule continued, not restarted
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(0.005 * sched(6))
+    with pytest.raises(ValueError, match="lr_lambda must be a callable"):
+        GANModule(learning_rate=0.1, lr_lambda=0.5)
     with pytest.raises(NotImplementedError, match="fake_state"):
         ToyGAN.fake_state(model, {}, 1)
 

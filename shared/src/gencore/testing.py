@@ -19,6 +19,7 @@ import contextlib
 import csv
 import os
 import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "assert_grads_reach_all_parameters",
     "assert_no_host_sync",
     "assert_state_dict_roundtrip",
+    "fake_classes",
     "logged_values",
     "mean_image_psnr",
     "no_host_sync",
@@ -414,3 +416,31 @@ def assert_no_host_sync(
         trainer.fit(module, datamodule=datamodule)
     if guard.guarded < steps:
         raise AssertionError(f"only {guard.guarded} of {steps} training batches ran under the host-sync guard")
+
+
+@contextlib.contextmanager
+def fake_classes(spec):
+    """Classes named like foreign ones (e.g. Lightning 1.x), importable by pickle from stand-in modules: for writing
+    checkpoints shaped like the released Lightning 1.x pickles in tests (``{qualname: base class}`` -> the classes).
+
+    Every module on the way (``pytorch_lightning``, ``pytorch_lightning.callbacks``, ...) is a stand-in while the
+    context is open, so an installed package of that name is neither imported nor touched."""
+    roots = {q.split(".", 1)[0] for q in spec}
+    saved = {k: v for k, v in sys.modules.items() if k.split(".", 1)[0] in roots}
+    for k in saved:
+        del sys.modules[k]
+    made = {}
+    try:
+        for qualname, base in spec.items():
+            parts = qualname.split(".")
+            for i in range(1, len(parts)):
+                sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+            mod_name = ".".join(parts[:-1])
+            cls = type(parts[-1], (base,), {"__module__": mod_name})
+            setattr(sys.modules[mod_name], parts[-1], cls)
+            made[qualname] = cls
+        yield made
+    finally:
+        for k in [k for k in sys.modules if k.split(".", 1)[0] in roots]:
+            del sys.modules[k]
+        sys.modules.update(saved)

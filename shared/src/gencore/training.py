@@ -19,6 +19,7 @@ Loss pieces: :func:`adopt_weight` (a weight that switches on at a step), :func:`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "GANModule",
+    "LambdaWarmUpCosineScheduler",
     "adaptive_weight",
     "adopt_weight",
     "hinge_d_loss",
@@ -66,6 +68,54 @@ def adamw_lambda_lr(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
+class LambdaWarmUpCosineScheduler:
+    """The official ``taming.lr_scheduler.LambdaWarmUpCosineScheduler`` as a callable ``step -> value`` (taming,
+    imagebart, geofree; twostream_inpaint applies it to both GAN optimizers).
+
+    Linear from ``lr_start`` to ``lr_max`` over ``warm_up_steps``, then cosine from ``lr_max`` down to ``lr_min`` at
+    ``max_decay_steps``, constant afterwards. The released Gumbel VQGAN anneals its temperature with it
+    (lr_start = lr_max = 0.9, lr_min = 1e-6, warm_up_steps = 0, max_decay_steps = 1,000,001).
+    """
+
+    def __init__(
+        self, *, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int
+    ) -> None:
+        if warm_up_steps < 0:
+            raise ValueError(f"warm_up_steps must be >= 0, got {warm_up_steps}")
+        if max_decay_steps <= warm_up_steps:
+            raise ValueError(f"max_decay_steps ({max_decay_steps}) must exceed warm_up_steps ({warm_up_steps})")
+        self.warm_up_steps, self.max_decay_steps = warm_up_steps, max_decay_steps
+        self.lr_min, self.lr_max, self.lr_start = float(lr_min), float(lr_max), float(lr_start)
+
+    @classmethod
+    def for_run(
+        cls, *, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int
+    ) -> LambdaWarmUpCosineScheduler:
+        """The schedule of a run whose ``max_decay_steps`` may not exceed its warm-up (a short debug run): the cosine
+        part then starts right after the warm-up."""
+        return cls(
+            warm_up_steps=warm_up_steps,
+            lr_min=lr_min,
+            lr_max=lr_max,
+            lr_start=lr_start,
+            max_decay_steps=max(max_decay_steps, warm_up_steps + 1),
+        )
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warm_up_steps:
+            return (self.lr_max - self.lr_start) / self.warm_up_steps * step + self.lr_start
+        t = min((step - self.warm_up_steps) / (self.max_decay_steps - self.warm_up_steps), 1.0)
+        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(t * math.pi))
+
+    def __repr__(self) -> str:
+        return (
+            f"LambdaWarmUpCosineScheduler(warm_up_steps={self.warm_up_steps}, lr_min={self.lr_min}, "
+            f"lr_max={self.lr_max}, lr_start={self.lr_start}, max_decay_steps={self.max_decay_steps})"
+        )
+
+
 def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.0) -> float:
     """``value`` before ``threshold`` steps, ``weight`` from then on (the official ``adopt_weight``)."""
     return value if step < threshold else weight
@@ -98,6 +148,11 @@ class GANModule(L.LightningModule):
     fakes of the other batches come from :meth:`fake_state`); ``discriminator_learning_rate`` gives the discriminator
     its own rate (default: the generator's).
 
+    ``lr_lambda`` (a callable ``step -> multiplier``, e.g. :class:`LambdaWarmUpCosineScheduler`) scales both rates
+    every batch through a ``LambdaLR`` per optimizer, stepped here (manual optimization steps no scheduler by itself;
+    Lightning saves their state, so a resumed run continues the schedule). The official guided-inpainting recipe
+    applies one warm-up + cosine multiplier to both players.
+
     Subclasses implement :meth:`generator_step`, :meth:`discriminator_step`, :meth:`generator_parameters` and
     :meth:`discriminator_parameters`; they may override :meth:`on_gan_step_end` (e.g. codebook statistics) and
     :meth:`make_optimizer`. ``learning_rate`` / ``scale_lr`` follow :func:`scaled_learning_rate`; ``betas`` are
@@ -117,6 +172,7 @@ class GANModule(L.LightningModule):
         betas: tuple[float, float] = (0.5, 0.9),
         discriminator_learning_rate: float | None = None,
         generator_every: int = 1,
+        lr_lambda: Callable[[int], float] | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0 or not (discriminator_learning_rate is None or discriminator_learning_rate > 0):
@@ -129,6 +185,9 @@ class GANModule(L.LightningModule):
         self.learning_rate, self.scale_lr, self.betas = learning_rate, scale_lr, tuple(betas)
         self.discriminator_learning_rate = discriminator_learning_rate
         self.generator_every = generator_every
+        if lr_lambda is not None and not callable(lr_lambda):
+            raise ValueError(f"lr_lambda must be a callable step -> multiplier, got {lr_lambda!r}")
+        self.lr_lambda = lr_lambda
         self.automatic_optimization = False
 
     @property
@@ -180,13 +239,17 @@ class GANModule(L.LightningModule):
         if loss_d is not None:
             self.manual_backward(loss_d)
         opt_d.step()  # a no-op without gradients (before the discriminator starts): keeps two steps per batch
+        if self.lr_lambda is not None:
+            schedulers = self.lr_schedulers()
+            for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+                sched.step()
         size = _batch_size(batch)
         if loss_g is not None:
             self.log(self.generator_loss_name, loss_g.detach(), prog_bar=True, batch_size=size)
         self.log_dict({**logs_g, **logs_d}, batch_size=size)
         self.on_gan_step_end(batch, state)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> Any:
         lr = scaled_learning_rate(self, self.learning_rate, self.scale_lr)
         gen = [p for p in self.generator_parameters() if p.requires_grad]
         disc = [p for p in self.discriminator_parameters() if p.requires_grad]
@@ -197,7 +260,11 @@ class GANModule(L.LightningModule):
             )
         lr_d = lr if self.discriminator_learning_rate is None else self.discriminator_learning_rate
         lr_d = scaled_learning_rate(self, lr_d, self.scale_lr) if self.discriminator_learning_rate is not None else lr_d
-        return [self.make_optimizer(gen, lr), self.make_optimizer(disc, lr_d)]
+        optimizers = [self.make_optimizer(gen, lr), self.make_optimizer(disc, lr_d)]
+        if self.lr_lambda is None:
+            return optimizers
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda) for opt in optimizers]
+        return optimizers, schedulers
 
 
 def _batch_size(batch: Any) -> int | None:

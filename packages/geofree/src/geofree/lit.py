@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencore.modules import freeze
-from gencore.training import adamw_lambda_lr
+from gencore.training import LambdaWarmUpCosineScheduler, adamw_lambda_lr
 from geofree.depth import BatchDisparity
 from geofree.geometry import (
     check_intrinsics,
@@ -45,7 +45,6 @@ from geofree.geometry import (
     scaled_disparity,
 )
 from geofree.models.geogpt import MultiEmbedder, WarpGPT
-from taming.models.quantize import LambdaWarmUpCosineScheduler
 from taming.sampling import sample_tokens
 
 __all__ = ["GeoTransformer", "WarpingTransformer"]

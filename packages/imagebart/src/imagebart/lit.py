@@ -30,11 +30,10 @@ from torch import Tensor, nn
 
 from gencore.conditioning import Conditioner, NoConditioner
 from gencore.modules import check_index_range, freeze
-from gencore.training import adamw_lambda_lr
+from gencore.training import LambdaWarmUpCosineScheduler, adamw_lambda_lr
 from imagebart.diffusion import MultinomialSchedule, posterior, stage_loss
 from imagebart.editing import expand_masks, masked_view
 from imagebart.sampling import coarse_to_fine, gpt_session, keep_guide, per_stage, sample_sequence
-from taming.models.quantize import LambdaWarmUpCosineScheduler
 
 __all__ = ["ImageBART"]
 

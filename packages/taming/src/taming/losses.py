@@ -25,13 +25,13 @@ Perceptual distances:
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 
 import torch
 from torch import Tensor, nn
 
+from gencore.metrics.fmnist_net import FMNISTPerceptual
 from gencore.modules import FrozenModule
 from gencore.training import adaptive_weight, adopt_weight, hinge_d_loss, vanilla_d_loss
 
@@ -183,35 +183,6 @@ class LPIPS(FrozenModule):
         if x.shape[1] == 1:  # grayscale images: LPIPS is defined on RGB
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         return self._model[0](x, y)
-
-
-class FMNISTPerceptual(FrozenModule):
-    """LPIPS-form distance over the conv blocks of gencore's frozen Fashion-MNIST network (offline runs).
-
-    Activations after each of the 5 conv layers are unit-normalised over channels; squared differences are averaged
-    over channels and space and summed over layers. Returns (B, 1, 1, 1) like LPIPS.
-    """
-
-    def __init__(self, weights: str | os.PathLike | None = None) -> None:
-        super().__init__()
-        from gencore.metrics import load_feature_net
-
-        self.net = copy.deepcopy(load_feature_net(weights).net)  # own copy: not moved with the metric's
-        self.taps = [i for i, m in enumerate(self.net.body) if isinstance(m, nn.ReLU)]
-        self.freeze()
-
-    def _features(self, x: Tensor) -> list[Tensor]:
-        h = self.net.prepare(x)
-        feats = []
-        for i, layer in enumerate(self.net.body):
-            h = layer(h)
-            if i in self.taps:
-                feats.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
-        return feats
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        fx, fy = self._features(x), self._features(y)
-        return sum((a - b).square().mean(dim=(1, 2, 3), keepdim=True) for a, b in zip(fx, fy))
 
 
 def build_perceptual(kind: str, weights: str | os.PathLike | None = None) -> nn.Module | None:

@@ -1,7 +1,7 @@
 """Metrics: the in-project Fashion-MNIST feature network (FID-FMNIST, KID, precision/recall, class accuracy) and
 torchmetrics FID / LPIPS, and CLIP score, with pretrained weights from local paths."""
 
-from gencore.metrics.fmnist_net import FMNISTClassifierModule, FMNISTFeatureNet, load_feature_net
+from gencore.metrics.fmnist_net import FMNISTClassifierModule, FMNISTFeatureNet, FMNISTPerceptual, load_feature_net
 from gencore.metrics.generative import (
     class_accuracy,
     classify_fmnist,
@@ -20,6 +20,7 @@ __all__ = [
     "CLIPScorer",
     "FMNISTClassifierModule",
     "FMNISTFeatureNet",
+    "FMNISTPerceptual",
     "MissingWeightsError",
     "class_accuracy",
     "classify_fmnist",

@@ -9,8 +9,10 @@ centre-cropped to 28 (undoing the 2-pixel pad of ``FashionMNIST(image_size=32)``
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from gencore.modules import FrozenModule
 
-__all__ = ["WEIGHTS_PATH", "FMNISTClassifierModule", "FMNISTFeatureNet", "load_feature_net"]
+__all__ = ["WEIGHTS_PATH", "FMNISTClassifierModule", "FMNISTFeatureNet", "FMNISTPerceptual", "load_feature_net"]
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "fmnist_net.safetensors"
 CARD_PATH = WEIGHTS_PATH.with_suffix(".json")
@@ -119,6 +121,34 @@ def load_feature_net(path: str | Path | None = None) -> FrozenFeatures:
             "`gencore-train-fmnist-features` (see shared/README.md)"
         )
     return _load_cached(str(p.resolve()))
+
+
+class FMNISTPerceptual(FrozenModule):
+    """LPIPS-form distance over the conv blocks of the frozen Fashion-MNIST network: a perceptual term for offline
+    runs where no ImageNet backbone weights exist (taming / ldm autoencoders, twostream_inpaint's toy recipe).
+
+    Activations after each of the 5 conv layers are unit-normalised over channels; squared differences are averaged
+    over channels and space and summed over layers. Returns (B, 1, 1, 1) like LPIPS.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(load_feature_net(weights).net)  # own copy: not moved with the metric's
+        self.taps = [i for i, m in enumerate(self.net.body) if isinstance(m, nn.ReLU)]
+        self.freeze()
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        h = self.net.prepare(x)
+        feats = []
+        for i, layer in enumerate(self.net.body):
+            h = layer(h)
+            if i in self.taps:
+                feats.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
+        return feats
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        fx, fy = self._features(x), self._features(y)
+        return sum((a - b).square().mean(dim=(1, 2, 3), keepdim=True) for a, b in zip(fx, fy))
 
 
 class FMNISTClassifierModule(L.LightningModule):

@@ -18,7 +18,6 @@ that reduced space, unknown codes go to a random index or to an extra one.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from gencore.modules import check_index_range, on_accelerator
+from gencore.training import LambdaWarmUpCosineScheduler
 
 __all__ = [
     "GumbelQuantize",
@@ -419,53 +419,3 @@ class GumbelQuantize(_Remap):
 
     def codebook(self) -> nn.Embedding:
         return self.embed
-
-
-# ---------------------------------------------------------------------------------------------- schedule
-
-
-class LambdaWarmUpCosineScheduler:
-    """Official ``taming.lr_scheduler.LambdaWarmUpCosineScheduler`` as a callable ``step -> value``.
-
-    Linear from ``lr_start`` to ``lr_max`` over ``warm_up_steps``, then cosine from ``lr_max`` down to ``lr_min`` at
-    ``max_decay_steps``, constant afterwards. The released Gumbel VQGAN anneals its temperature with it
-    (lr_start = lr_max = 0.9, lr_min = 1e-6, warm_up_steps = 0, max_decay_steps = 1,000,001).
-    """
-
-    def __init__(
-        self, *, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int
-    ) -> None:
-        if warm_up_steps < 0:
-            raise ValueError(f"warm_up_steps must be >= 0, got {warm_up_steps}")
-        if max_decay_steps <= warm_up_steps:
-            raise ValueError(f"max_decay_steps ({max_decay_steps}) must exceed warm_up_steps ({warm_up_steps})")
-        self.warm_up_steps, self.max_decay_steps = warm_up_steps, max_decay_steps
-        self.lr_min, self.lr_max, self.lr_start = float(lr_min), float(lr_max), float(lr_start)
-
-    @classmethod
-    def for_run(
-        cls, *, warm_up_steps: int, lr_min: float, lr_max: float, lr_start: float, max_decay_steps: int
-    ) -> LambdaWarmUpCosineScheduler:
-        """The schedule of a run whose ``max_decay_steps`` may not exceed its warm-up (a short debug run): the cosine
-        part then starts right after the warm-up."""
-        return cls(
-            warm_up_steps=warm_up_steps,
-            lr_min=lr_min,
-            lr_max=lr_max,
-            lr_start=lr_start,
-            max_decay_steps=max(max_decay_steps, warm_up_steps + 1),
-        )
-
-    def __call__(self, step: int) -> float:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if step < self.warm_up_steps:
-            return (self.lr_max - self.lr_start) / self.warm_up_steps * step + self.lr_start
-        t = min((step - self.warm_up_steps) / (self.max_decay_steps - self.warm_up_steps), 1.0)
-        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1.0 + math.cos(t * math.pi))
-
-    def __repr__(self) -> str:
-        return (
-            f"LambdaWarmUpCosineScheduler(warm_up_steps={self.warm_up_steps}, lr_min={self.lr_min}, "
-            f"lr_max={self.lr_max}, lr_start={self.lr_start}, max_decay_steps={self.max_decay_steps})"
-        )
