@@ -27,6 +27,7 @@ SD3 = [
 GEN1 = ["experiment=tiny"]
 IMAGEBART = ["experiment=tiny"]
 GEOFREE = ["experiment=tiny"]
+TSI = ["experiment=tiny"]
 LIMIT_VAL = "datamodule.limit_val=8"  # the image datamodules' validation cap
 TAMING, LDM, SD3 = [*TAMING, LIMIT_VAL], [*LDM, LIMIT_VAL], [*SD3, LIMIT_VAL]
 COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]  # if one is not refused
@@ -76,6 +77,25 @@ CASES = [
     ("geofree", GEOFREE, "first_stage=/nowhere", r"module\.first_stage: first stage not found: /nowhere"),
     ("geofree", GEOFREE, "module.transformer.n_head=3", r"n_embd=32 must be divisible by n_head=3"),
     ("geofree", GEOFREE, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    ("twostream_inpaint", TSI, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    (
+        "twostream_inpaint",
+        TSI,
+        "datamodule.size=36",
+        r"datamodule: KeyframeImages: size must be a positive multiple of 8",
+    ),
+    ("twostream_inpaint", TSI, "module.image_size=48", r"datamodule\.size=32 but module\.image_size=48"),
+    (
+        "twostream_inpaint",
+        [*TSI, "datamodule.size=40", "module.image_size=40"],
+        "module.generator.n_downsampling=4",
+        r"datamodule\.size=40 is not divisible by the generator's downsampling factor 16",
+    ),
+    ("twostream_inpaint", TSI, "datamodule.n_references=0", r"n_references must be an integer >= 1, got 0"),
+    ("twostream_inpaint", TSI, "module.generator.num_heads=3", r"module\.generator: .* divisible by num_heads \(3\)"),
+    ("twostream_inpaint", TSI, "module.perceptual=vgg", r"unknown perceptual loss 'vgg'; valid: resnet_pl, fmnist"),
+    ("twostream_inpaint", TSI, "flow.kind=magic", r"module\.flow: unknown flow estimator kind 'magic'"),
+    ("twostream_inpaint", TSI, "module.flow=null", r"deformable, flow-guided\) stream but no flow estimator"),
 ]
 
 
