@@ -8,10 +8,11 @@ frames. Rows:
 
 - ``generator``: the paper's generator (configs/ours.yaml, 47.57 M parameters), 8 frames per batch, flows given
   (random), random weights: cached keyframes vs the official per-frame pass;
-- ``+ RAFT flows``: the whole propagation step of one frame batch (4 frames) with torchvision RAFT-large (random
-  weights, 20 iterations at 256 x 256, forward and backward flow for the forward-backward error, flow inpainting in
-  the hole): ours (one batched RAFT call for both directions of all keyframes, cached keyframes) vs the official
-  order (one flow-module call per keyframe, keyframes re-encoded with every frame batch).
+- ``+ RAFT flows`` / ``+ DIS flows``: the whole propagation step of one frame batch with the flows estimated:
+  torchvision RAFT-large (random weights, 20 iterations at 256 x 256; 4 frames) or OpenCV's DIS (8 frames), forward
+  and backward flow for the forward-backward error, flow inpainting in the hole: ours (one batched flow call for both
+  directions of all keyframes, cached keyframes) vs the official order (one flow-module call per keyframe,
+  keyframes re-encoded with every frame batch).
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/bench_twostream_propagation.py`` (a CPU run takes a few minutes).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from _harness import append_results, count_flops, matmul_rate, row, timeit
 
-from twostream_inpaint.flow import RAFTFlow
+from twostream_inpaint.flow import DISFlow, RAFTFlow, keyframe_flows
 from twostream_inpaint.models import GIResNetGenerator
 
 OURS = dict(
@@ -54,7 +55,7 @@ def inputs(frames: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     torch.manual_seed(0)
-    gen = GIResNetGenerator(**OURS).eval()
+    gen = GIResNetGenerator(**OURS).eval().requires_grad_(False)  # inference (FlopCounterMode hooks need no graph)
     params = sum(p.numel() for p in gen.parameters())
     rate = matmul_rate()
     rows, notes = [], []
@@ -97,50 +98,54 @@ def main() -> None:
         f"max |difference| {diff:.1e}"
     )
 
-    # --- the whole step with RAFT-large flows: 4 frames
-    f = 4
-    d = inputs(f, seed=1)
-    raft = RAFTFlow(size="large", allow_random=True, resolution=(256, 256), iters=20)
-    target = torch.cat([d["x"] * (1 - d["m"]), d["m"]], 1)
-    keys = d["keys"].expand(f, -1, -1, -1, -1)
-    refs = torch.cat([d["keys"], torch.zeros(1, T, 1, SIZE, SIZE)], 2)
+    # --- the whole step with flows estimated: RAFT-large (the paper's), DIS (weight-free, the CPU toy's)
+    estimators = {
+        "RAFT-large flows (20 iterations at 256 x 256, random weights)": (
+            RAFTFlow(size="large", allow_random=True, resolution=(256, 256), iters=20),
+            4,
+        ),
+        "DIS flows (OpenCV, medium preset)": (DISFlow(), 8),
+    }
+    for label, (estimator, f) in estimators.items():
+        d = inputs(f, seed=1)
+        target = torch.cat([d["x"] * (1 - d["m"]), d["m"]], 1)
+        keys = d["keys"].expand(f, -1, -1, -1, -1)
+        refs = torch.cat([d["keys"], torch.zeros(1, T, 1, SIZE, SIZE)], 2)
 
-    @torch.no_grad()
-    def ours_full() -> None:
-        from twostream_inpaint.flow import keyframe_flows
+        @torch.no_grad()
+        def ours_full(d=d, target=target, keys=keys, refs=refs, estimator=estimator) -> None:
+            fl, er = keyframe_flows(estimator, d["x"], d["m"], keys, None)
+            state = gen.keyframe_state(refs)
+            out["ours"] = gen(target, None, flows=fl, flow_errs=er, keyframes=state)
 
-        fl, er = keyframe_flows(raft, d["x"], d["m"], keys, None)
-        state = gen.keyframe_state(refs)
-        out["ours"] = gen(target, None, flows=fl, flow_errs=er, keyframes=state)
+        @torch.no_grad()
+        def official_full(d=d, target=target, keys=keys, refs=refs, estimator=estimator, f=f) -> None:
+            fls, ers = [], []
+            a = torch.cat([d["x"] * (1 - d["m"]), d["m"]], 1)
+            for t in range(T):  # the official loop: one flow-module call per keyframe
+                fl, er = estimator(a, keys[:, t])
+                fls.append(fl)
+                ers.append(er)
+            refs_f = refs.expand(f, -1, -1, -1, -1)
+            out["ref"] = gen(target, refs_f, flows=torch.stack(fls, 1), flow_errs=torch.stack(ers, 1))
 
-    @torch.no_grad()
-    def official_full() -> None:
-        fls, ers = [], []
-        a = torch.cat([d["x"] * (1 - d["m"]), d["m"]], 1)
-        for t in range(T):  # the official loop: one flow-module call per keyframe
-            fl, er = raft(a, keys[:, t])
-            fls.append(fl)
-            ers.append(er)
-        out["ref"] = gen(
-            target, refs.expand(f, -1, -1, -1, -1), flows=torch.stack(fls, 1), flow_errs=torch.stack(ers, 1)
+        t_ours = timeit(ours_full, warmup=0, runs=1)
+        t_ref = timeit(official_full, warmup=0, runs=1)
+        rows.append(
+            row(
+                f"+ {label}, both directions, flow inpainting, {f} frames: batched flows + cached keyframes vs the "
+                "official per-keyframe flow calls and per-frame keyframe pass",
+                t_ours,
+                t_ref,
+                None,
+                rate,
+            )
         )
-
-    t_ours = timeit(ours_full, warmup=0, runs=1)
-    t_ref = timeit(official_full, warmup=0, runs=1)
-    rows.append(
-        row(
-            f"+ RAFT-large flows (20 iterations, both directions, flow inpainting), {f} frames: batched RAFT + cached "
-            "keyframes vs the official per-keyframe calls and per-frame keyframe pass",
-            t_ours,
-            t_ref,
-            None,
-            rate,
+        notes.append(
+            f"with {label.split(' ')[0]}: {f / t_ours['median']:.2f} frames/s vs {f / t_ref['median']:.2f} "
+            f"({t_ref['median'] / t_ours['median']:.2f}x); "
+            f"max |difference| {(out['ours'] - out['ref']).abs().max():.1e}"
         )
-    )
-    notes.append(
-        f"with RAFT: {f / t_ours['median']:.2f} frames/s vs {f / t_ref['median']:.2f} "
-        f"({t_ref['median'] / t_ours['median']:.2f}x); max |difference| {(out['ours'] - out['ref']).abs().max():.1e}"
-    )
     note = "; ".join(notes) + f". fp32 matmul rate measured in this run: {rate / 1e9:.0f} GFLOP/s."
     append_results(f"twostream_inpaint video propagation: {SIZE}x{SIZE}, {T} keyframes", rows, note=note)
 

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.parent for p in ROOT.glob("packages/*/src/*/checkpoints/*/config.yaml"))
 MAX_BYTES = 6 * 2**20
 # reconstruction PSNR a first stage must beat on 16 test images (its MADE_BY.md has the 1,000-image figure)
+# hole PSNR (dB) the shipped inpainting model must beat the mean-colour fill by on 32 held-out photos
+SHIPPED_INPAINT_MARGIN = 1.0
 MIN_PSNR = {"vqgan_fmnist": 14.0, "vqgan_scenes": 15.0, "depth_vqgan_scenes": 24.0}  # brief VQGANs: 15.5, 17.0, 27.0 dB
 
 pytestmark = pytest.mark.skipif(
@@ -44,6 +46,7 @@ def test_packages_ship_checkpoints():
         "gen1_video",
         "imagebart",
         "geofree",
+        "twostream_inpaint",
     }
 
 
@@ -95,6 +98,22 @@ def test_shipped_checkpoint_loads_and_works(folder):
         x = torch.stack([ds[i]["image"] for i in range(16)])
         rec = module.log_images({"image": x}, 16)["reconstructions"]
         assert psnr(rec.clamp(-1, 1), x).mean() > MIN_PSNR.get(folder.name, 20.0)
+    elif hasattr(module, "inpaint"):  # guided inpainting (twostream_inpaint): held-out photos' holes from keyframes
+        from torch.utils.data import default_collate
+
+        from twostream_inpaint.data import KeyframeImages
+        from twostream_inpaint.lit import hole_psnr
+
+        ds = KeyframeImages(split="val", size=module.image_size, fresh=False, length=32, seed=1)
+        b = default_collate([ds[i] for i in range(32)])
+        with torch.no_grad():
+            pred = module.inpaint(b["image"], b["mask"], b["srcs"], b["srcs_masks"])
+        x, m = b["image"], b["mask"]
+        assert pred.shape == x.shape and torch.isfinite(pred).all()
+        mean = (x * (1 - m)).flatten(2).sum(2) / (1 - m).flatten(2).sum(2)
+        ours = hole_psnr(m * pred + (1 - m) * x, x, m).mean()
+        flat = hole_psnr(m * mean[..., None, None] + (1 - m) * x, x, m).mean()  # the known pixels' mean colour
+        assert ours > flat + SHIPPED_INPAINT_MARGIN, (ours, flat)
     elif hasattr(module, "generate"):
         from gencore.metrics import class_accuracy
 

@@ -6,7 +6,10 @@ from gencore.gallery import Entry
 
 CHECKPOINT = "pkg://twostream_inpaint/checkpoints/twostream_photos"
 VIDEO = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
-HEADLINE = "toy (2,400 batches on CPU, 64 x 64): see the README's table for two-stream vs global-only vs local-only"
+HEADLINE = (
+    "toy (2,400 batches of 8 on CPU, 64 x 64): hole PSNR 17.7 dB on 1,000 held-out targets, +1.6 dB over the "
+    "mean-colour fill, -0.9 dB given another photo's keyframes; two streams = either one alone here (README)"
+)
 
 
 def entries() -> list[Entry]:

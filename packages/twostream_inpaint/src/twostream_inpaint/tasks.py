@@ -409,14 +409,23 @@ def metrics_for(pred: Tensor, target: Tensor, mask: Tensor, perceptual: _Percept
 
 
 def _summary(values: dict[str, list[Tensor]], prefix: str) -> dict[str, float]:
-    return {f"{prefix}/{k}": round(float(torch.cat(v).mean()), 4) for k, v in values.items()}
+    """Means over items, and the standard error of the hole PSNR (items are the same for every model: compare
+    models item by item)."""
+    out = {}
+    for k, v in values.items():
+        x = torch.cat(v).double()
+        out[f"{prefix}/{k}"] = round(float(x.mean()), 4)
+        if k == "psnr_hole" and len(x) > 1:
+            out[f"{prefix}/{k}_se"] = round(float(x.std() / len(x) ** 0.5), 4)
+    return out
 
 
 def evaluate(cfg: Any) -> dict[str, float]:
     """``inpaint-eval``: held-out photos (``num_samples`` targets with 2 keyframes each) and held-out clips of the
     OpenCV sample videos (``video_clips``; keyframes: first and last frame) -> ``out_dir/metrics.json``. Each metric
-    is also given for two references that need no network: the hole filled with the keyframe warped by the flow
-    (``warp``: the local stream's raw material) and with the known pixels' mean colour (``mean_fill``)."""
+    is also given for the model fed another item's keyframes (``other_keyframes``: does it use its keyframes?) and two
+    references that need no network: the hole filled with the keyframe warped by the flow (``warp``: the local
+    stream's raw material) and with the known pixels' mean colour (``mean_fill``)."""
     from twostream_inpaint.warp import flow_sample
 
     cfg = _cfg(cfg)
@@ -428,6 +437,9 @@ def evaluate(cfg: Any) -> dict[str, float]:
     _, inpainted = _inpaint_batches(module, batch, bs)
     img, mask = batch["image"], batch["mask"]
     refs: dict[str, Tensor] = {"model": inpainted}
+    # the same model given another item's keyframes (same holes): how much it uses its keyframes at all
+    other = {**batch, "srcs": batch["srcs"].roll(1, 0), "srcs_masks": batch["srcs_masks"].roll(1, 0)}
+    refs["other_keyframes"] = _inpaint_batches(module, other, bs)[1]
     mean = (img * (1 - mask)).flatten(2).sum(2) / (1 - mask).flatten(2).sum(2).clamp_min(1)
     refs["mean_fill"] = mask * mean[..., None, None] + (1 - mask) * img
     if module.flow is not None:
