@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from gencore import run
 from gencore.cli import compose
@@ -99,6 +100,19 @@ def test_inpaint_image_from_files_and_its_bad_inputs(trained, files, tmp_path):
     one_line_error(bad, "mask size (32, 32) differs from the image size (64, 64)")
     full = cli("inpaint-image", *common, f"mask={files / 'full_mask.png'}", f"out_dir={tmp_path / 'b2'}", cwd=tmp_path)
     one_line_error(full, "the mask covers the whole image")
+    single = cli(  # one keyframe without brackets, and the model run at another size than the photo's
+        "inpaint-image",
+        *common[:2],
+        f"keyframes={files / 'key.png'}",
+        f"mask={files / 'mask.png'}",
+        "size=[32,32]",
+        f"out_dir={tmp_path / 'one'}",
+        cwd=tmp_path,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert cv2.imread(str(tmp_path / "one" / "inpainted.png")).shape == (64, 64, 3)  # the photo's own size
+    odd = cli("inpaint-image", *common, f"mask={files / 'mask.png'}", "size=[30,32]", cwd=tmp_path)
+    one_line_error(odd, "size 30x32 is not divisible by the generator's downsampling factor 4")
     none = cli(
         "inpaint-image",
         f"checkpoint={trained}",
@@ -129,6 +143,52 @@ def test_inpaint_video_end_to_end_from_the_console_script(trained, tmp_path):
     assert (tmp_path / "v" / "masked.mp4").is_file() and (tmp_path / "v" / "inpainted.gif").is_file()
     bad = cli("inpaint-video", f"checkpoint={trained}", f"video={VTEST}", "num_frames=4", "keyframes=[7]", cwd=tmp_path)
     one_line_error(bad, "must be within the clip's 4 frames")
+    none = cli("inpaint-video", f"checkpoint={trained}", f"video={VTEST}", "num_frames=4", "keyframes=[]", cwd=tmp_path)
+    one_line_error(none, "give at least one frame index")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    junk = cli("inpaint-video", f"checkpoint={trained}", f"video={text}", cwd=tmp_path)
+    one_line_error(junk, "is not a readable video")
+
+
+def test_video_keyframes_are_written_whole_and_mask_videos_follow_the_clip(trained, tmp_path):
+    from skimage import data
+
+    from gencore.data.video import read_frames, write_video
+
+    photo = torch.from_numpy(data.astronaut()[::4, ::4].copy()).permute(2, 0, 1).float() / 127.5 - 1  # 128 x 128
+    clip = torch.stack([photo.roll(2 * i, dims=-1)[:, 16:112, :] for i in range(8)], dim=1)  # (3, 8, 96, 128)
+    write_video(clip, tmp_path / "clip.mp4", fps=8)
+    hole = -torch.ones(1, 8, 96, 128)
+    hole[..., 30:60, 40:90] = 1
+    write_video(hole, tmp_path / "holes.mp4", fps=8)
+    proc = cli(
+        "inpaint-video",
+        f"checkpoint={trained}",
+        f"video={tmp_path / 'clip.mp4'}",
+        f"mask={tmp_path / 'holes.mp4'}",
+        "start=2",
+        "num_frames=4",
+        "keyframes=0",
+        "size=[32,48]",
+        f"out_dir={tmp_path / 'v'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = read_frames(tmp_path / "v" / "masked.mp4", [0, 1]).astype(float)
+    gray = (np.abs(out - 127.5) < 8).all(-1)  # the gray hole drawn on the masked frames
+    assert gray[0].mean() < 0.02 and gray[1].mean() > 0.06  # the keyframe (frame 0) has no hole; the next has one
+    write_video(hole[:, :5], tmp_path / "short.mp4", fps=8)  # 5 mask frames: the clip's frames 2..5 need 6
+    bad = cli(
+        "inpaint-video",
+        f"checkpoint={trained}",
+        f"video={tmp_path / 'clip.mp4'}",
+        f"mask={tmp_path / 'short.mp4'}",
+        "start=2",
+        "num_frames=4",
+        cwd=tmp_path,
+    )
+    one_line_error(bad, "has 5 frames; the clip's frames 2..5 need 6")
 
 
 def test_eval_reports_hole_metrics_references_and_video(trained, tmp_path):

@@ -108,7 +108,11 @@ def load_official(
     if config is None:
         config = ckpt.get("hyper_parameters")
         if not config:
-            raise CheckpointError(f"{source} stores no hyper_parameters: pass the official config (configs/ours.yaml)")
+            raise CheckpointError(
+                f"{source} stores no hyper_parameters: pass the official config (configs/ours.yaml of "
+                "runwayml/guided-inpainting); a checkpoint of this package loads with inpaint-* checkpoint=<run> or "
+                "twostream_inpaint.tasks.load_model"
+            )
     elif isinstance(config, (str, os.PathLike)):
         from omegaconf import OmegaConf
 

@@ -68,8 +68,8 @@ def check_holes(mask: Tensor) -> None:
     """A hole that covers the whole frame leaves nothing to condition on (one host sync: inference entry only)."""
     full = (mask.flatten(1) > 0.5).all(dim=1)
     if bool(full.any()):
-        which = full.nonzero().flatten().tolist()
-        raise ValueError(f"the mask covers the whole image (items {which}): there is no known pixel to inpaint from")
+        which = "" if mask.shape[0] == 1 else f" (items {full.nonzero().flatten().tolist()})"
+        raise ValueError(f"the mask covers the whole image{which}: there is no known pixel to inpaint from")
 
 
 def hole_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:

@@ -30,6 +30,8 @@ from torch import Tensor
 
 from gencore import io, run
 
+MOVING = ("moving", "box", "stroke", "mixed")  # mask=moving is a moving box
+
 __all__ = ["evaluate", "image", "inpaint_clip", "load_model", "metrics_for", "sample", "video"]
 
 log = logging.getLogger(__name__)
@@ -142,14 +144,6 @@ def _read_mask(path: str, what: str = "mask") -> Tensor:
     return (torch.from_numpy(load_image(p, channels=1)).permute(2, 0, 1).float() / 255.0 > 0.5).float()
 
 
-def _check_size(h: int, w: int, factor: int, what: str) -> None:
-    if h % factor or w % factor:
-        raise ValueError(
-            f"{what} size {h}x{w} is not divisible by the generator's downsampling factor {factor}: pass size=[H,W] "
-            f"(multiples of {factor}) to resize"
-        )
-
-
 def _resize(x: Tensor, hw: tuple[int, int], nearest: bool = False) -> Tensor:
     if tuple(x.shape[-2:]) == hw:
         return x
@@ -158,19 +152,40 @@ def _resize(x: Tensor, hw: tuple[int, int], nearest: bool = False) -> Tensor:
     return F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
 
 
-def _target_size(cfg: DictConfig, hw: tuple[int, int], factor: int, what: str) -> tuple[int, int]:
+def _target_size(cfg: DictConfig, hw: tuple[int, int], module: Any) -> tuple[int, int]:
+    """The size the model runs at: ``size=[H,W]`` (multiples of the generator's factor), or by default the input's
+    aspect with the short side at the model's training size and both sides rounded to multiples of the factor (the
+    toy model was trained on 64 x 64 frames: at other scales its receptive field sees other things)."""
+    factor = _factor(module)
     size = cfg.get("size")
     if size is None:
-        _check_size(*hw, factor, what)
-        return hw
-    size = [int(size)] * 2 if isinstance(size, (int, float)) else [int(s) for s in size]
-    _check_size(*size, factor, "the requested")
+        scale = _size(cfg, module) / min(hw)
+        return tuple(max(factor, round(s * scale / factor) * factor) for s in hw)  # type: ignore[return-value]
+    if isinstance(size, (int, float)) or len(size) != 2:
+        raise ValueError(f"size must be [H, W] (multiples of {factor}), got {size}")
+    size = [int(s) for s in size]
+    if size[0] % factor or size[1] % factor:
+        raise ValueError(
+            f"size {size[0]}x{size[1]} is not divisible by the generator's downsampling factor {factor}: use "
+            f"multiples of {factor}"
+        )
     return size[0], size[1]
+
+
+def _paths(value: Any, key: str) -> list[str]:
+    """A list option given as a list, or as one bare value (``keyframes=a.png``)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, int, float)):
+        return [str(value)]
+    return [str(v) for v in value]
 
 
 def image(cfg: Any) -> Path:
     """``inpaint-image image=<png> mask=<png> keyframes=[<png>, ...]``: the hole (white in the mask) filled from the
-    keyframes -> ``out_dir``: ``inpainted.png``, ``predicted.png`` (the raw output) and ``panel.png``."""
+    keyframes -> ``out_dir``: ``inpainted.png`` (the photo at its own size, the hole filled), ``predicted.png`` (the
+    raw output at the size the model ran at) and ``panel.png``. The model runs at ``size`` (default: the short side
+    at its training size); its prediction is resized back and fills the hole of the original photo."""
     from gencore.viz import save_grid
     from twostream_inpaint.lit import check_holes, check_inputs
 
@@ -178,7 +193,7 @@ def image(cfg: Any) -> Path:
     for key in ("image", "mask"):
         if not cfg.get(key):
             raise ValueError(f"{key}: required (inpaint-image image=<photo> mask=<hole mask> keyframes=[<photos>])")
-    frames = list(cfg.get("keyframes") or [])
+    frames = _paths(cfg.get("keyframes"), "keyframes")
     if not frames:
         raise ValueError("keyframes: give at least one keyframe image (keyframes=[a.png,b.png])")
     img = _read_rgb(cfg.image, "image")
@@ -188,37 +203,48 @@ def image(cfg: Any) -> Path:
             f"mask size {tuple(mask.shape[-2:])} differs from the image size {tuple(img.shape[-2:])}: the mask must "
             "have the image's size"
         )
-    masks_k = list(cfg.get("keyframe_masks") or [])
+    check_holes(mask[None])
+    masks_k = _paths(cfg.get("keyframe_masks"), "keyframe_masks")
     if masks_k and len(masks_k) != len(frames):
         raise ValueError(f"keyframe_masks: {len(masks_k)} given for {len(frames)} keyframes")
+    keys = [_read_rgb(p, f"keyframe {p}") for p in frames]
+    for p, k in zip(frames, keys):
+        if k.shape[-2:] != img.shape[-2:]:
+            log.warning(
+                "keyframe %s is %dx%d, the image %dx%d: resized to the image's size", p, *k.shape[-2:], *img.shape[-2:]
+            )
     module = load_model(cfg)
-    hw = _target_size(cfg, tuple(img.shape[-2:]), _factor(module), "image")
-    img, mask = _resize(img, hw), _resize(mask, hw, nearest=True)
-    srcs = torch.stack([_resize(_read_rgb(p, f"keyframe {p}"), hw) for p in frames])
+    hw = _target_size(cfg, tuple(img.shape[-2:]), module)
+    x, m = _resize(img, hw), _resize(mask, hw, nearest=True)
+    srcs = torch.stack([_resize(k, hw) for k in keys])
     smasks = (
         torch.stack([_resize(_read_mask(p, f"keyframe mask {p}"), hw, nearest=True) for p in masks_k])
         if masks_k
         else None
     )
     dev = module.device
-    img, mask, srcs = img[None].to(dev), mask[None].to(dev), srcs[None].to(dev)
+    x, m, srcs = x[None].to(dev), m[None].to(dev), srcs[None].to(dev)
     smasks = smasks[None].to(dev) if smasks is not None else None
-    check_inputs(img, mask, srcs, smasks)
-    check_holes(mask)
+    check_inputs(x, m, srcs, smasks)
+    check_holes(m)
     with torch.no_grad():
-        pred = module.inpaint(img, mask, srcs, smasks)
-    out = mask * pred + (1 - mask) * img
+        pred = module.inpaint(x, m, srcs, smasks)
+    full = _resize(pred[0].cpu(), tuple(img.shape[-2:]))
+    out = mask * full + (1 - mask) * img  # the photo's own pixels outside the hole, at its own size
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(out * 2 - 1, out_dir / "inpainted.png", nrow=1)
+    save_grid(out[None] * 2 - 1, out_dir / "inpainted.png", nrow=1)
     save_grid(pred * 2 - 1, out_dir / "predicted.png", nrow=1)
-    panel = (
-        torch.cat([_holed(img, mask), srcs[0], out])
-        if smasks is None
-        else torch.cat([_holed(img, mask), _holed(srcs[0], smasks[0]), out])
-    )
+    shown = m * pred + (1 - m) * x
+    refs = srcs[0] if smasks is None else _holed(srcs[0], smasks[0])
+    panel = torch.cat([_holed(x, m), refs, shown]).cpu()
     save_grid(panel * 2 - 1, out_dir / "panel.png", nrow=panel.shape[0])
-    log.info("wrote %s (panel.png: masked image, keyframes, result)", out_dir / "inpainted.png")
+    log.info(
+        "wrote %s (%dx%d; the model ran at %dx%d; panel.png: masked image, keyframes, result)",
+        out_dir / "inpainted.png",
+        *img.shape[-2:],
+        *hw,
+    )
     return out_dir
 
 
@@ -238,17 +264,23 @@ def inpaint_clip(
     """Fill the holes of every frame of a clip from its keyframes.
 
     ``frames`` (F, 3, H, W) in [0, 1], ``masks`` (F, 1, H, W); ``keyframe_index``: the frames used as keyframes
-    (whole, unless ``mask_keyframes``: then with their own holes). The keyframes go through the encoder and the
-    cross-attending blocks once (:meth:`GIResNetGenerator.keyframe_state`); each frame then needs its flows to the
-    keyframes and the target pass. Returns (composited frames (F, 3, H, W), frames per second)."""
+    (whole, and written as they are, unless ``mask_keyframes``: then with their own holes, filled like the rest).
+    The keyframes go through the encoder and the cross-attending blocks once (:meth:`GIResNetGenerator.
+    keyframe_state`); each frame then needs its flows to the keyframes and the target pass. Returns (composited
+    frames (F, 3, H, W), frames per second)."""
     from twostream_inpaint.lit import check_holes, check_inputs
 
     n = frames.shape[0]
     idx = [i % n if -n <= i < n else None for i in keyframe_index]
-    if not idx or any(i is None for i in idx):
-        raise ValueError(f"keyframe indices {list(keyframe_index)} must be within the clip's {n} frames (>= 1 of them)")
+    if not idx:
+        raise ValueError("keyframes: give at least one keyframe index (keyframes=[0,-1])")
+    if any(i is None for i in idx):
+        raise ValueError(f"keyframe indices {list(keyframe_index)} must be within the clip's {n} frames")
     dev = module.device
     frames, masks = frames.to(dev), masks.to(dev)
+    if not mask_keyframes:  # keyframes given whole: no hole there, written as they are
+        masks = masks.clone()
+        masks[idx] = 0
     srcs = frames[idx][None]
     smasks = masks[idx][None] if mask_keyframes else torch.zeros_like(masks[idx][None])
     check_inputs(frames[:1], masks[:1], srcs, smasks)
@@ -269,32 +301,55 @@ def inpaint_clip(
     return torch.cat(out), fps
 
 
-def _video_masks(cfg: DictConfig, n: int, hw: tuple[int, int]) -> Tensor:
+def _video_masks(cfg: DictConfig, indices: list[int], raw_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    """The clip's holes at ``hw``: a synthetic moving hole, one mask image for every frame, or the frames
+    ``indices`` of a mask video (the clip's own frames: ``start`` / ``stride`` apply to both). Mask files must have
+    the video's size (``raw_hw``)."""
     from twostream_inpaint.masks import moving_masks
 
+    n = len(indices)
     spec = str(cfg.get("mask") or "moving")
-    if spec in ("moving", "box", "stroke", "mixed"):
+    if spec in MOVING:
         kind = "box" if spec == "moving" else spec
         rng = np.random.default_rng(int(cfg.get("seed", 0)))
         return moving_masks(rng, n, hw[0], hw[1], kind=kind)
     p = Path(spec).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"mask not found: {p} (a mask image, a mask video, or mask=moving|box|stroke|mixed)")
+        raise FileNotFoundError(f"mask not found: {p} (a mask image, a mask video, or mask={' | '.join(MOVING)})")
     if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
-        return _resize(_read_mask(str(p)), hw, nearest=True)[None].expand(n, -1, -1, -1).contiguous()
-    from gencore.data.video import read_frames, video_info
+        m = _read_mask(str(p))
+        if tuple(m.shape[-2:]) != tuple(raw_hw):
+            raise ValueError(f"mask size {tuple(m.shape[-2:])} differs from the video's frame size {tuple(raw_hw)}")
+        return _resize(m, hw, nearest=True)[None].expand(n, -1, -1, -1).contiguous()
+    from gencore.data.video import read_frames
 
-    count = video_info(p).num_frames
-    if count < n:
-        raise ValueError(f"the mask video {p} has {count} frames, the clip {n}")
-    m = torch.from_numpy(read_frames(p, list(range(n)))).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 255
+    info = _video_info(p, "mask video")
+    if (info.height, info.width) != tuple(raw_hw):
+        raise ValueError(f"the mask video is {info.height}x{info.width}, the video {raw_hw[0]}x{raw_hw[1]}")
+    if info.num_frames <= indices[-1]:
+        raise ValueError(
+            f"the mask video {p} has {info.num_frames} frames; the clip's frames {indices[0]}..{indices[-1]} need "
+            f"{indices[-1] + 1}"
+        )
+    m = torch.from_numpy(read_frames(p, indices)).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 255
     return (F.interpolate(m, size=hw, mode="nearest") > 0.5).float()
+
+
+def _video_info(path: Path, what: str = "video") -> Any:
+    from gencore.data.video import video_info
+
+    try:
+        return video_info(path)
+    except (OSError, RuntimeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{what} {path} is not a readable video ({first})") from err
 
 
 def video(cfg: Any) -> Path:
     """``inpaint-video video=<clip> [mask=<mask video|png|moving>] [keyframes=[0,-1]]``: every frame's hole filled
-    from the keyframes -> ``out_dir``: ``inpainted.mp4``, ``masked.mp4`` and ``inpainted.gif`` (masked | result)."""
-    from gencore.data.video import read_frames, video_info, write_video
+    from the keyframes (frames of the clip given whole, written as they are) -> ``out_dir``: ``inpainted.mp4``,
+    ``masked.mp4`` and ``inpainted.gif`` (masked | result)."""
+    from gencore.data.video import read_frames, write_video
     from gencore.viz import save_gif
 
     cfg = _cfg(cfg)
@@ -303,37 +358,34 @@ def video(cfg: Any) -> Path:
     path = Path(str(cfg.video)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
-    info = video_info(path)
-    start, count = int(cfg.get("start", 0)), cfg.get("num_frames")
-    stride = int(cfg.get("stride", 1))
+    keys = cfg.get("keyframes")
+    keys = [keys] if isinstance(keys, int) else list(keys if keys is not None else [0, -1])
+    if not keys or not all(isinstance(k, int) for k in keys):
+        raise ValueError(f"keyframes: give at least one frame index, e.g. keyframes=[0,-1]; got {keys}")
+    info = _video_info(path)
+    start, count, stride = int(cfg.get("start", 0)), cfg.get("num_frames"), int(cfg.get("stride", 1))
+    if start < 0 or stride < 1 or (count is not None and int(count) < 1):
+        raise ValueError(f"need start >= 0, stride >= 1 and num_frames >= 1, got {start}, {stride}, {count}")
     count = (info.num_frames - start + stride - 1) // stride if count is None else int(count)
     indices = list(range(start, start + count * stride, stride))
     if count < 1 or indices[-1] >= info.num_frames:
         raise ValueError(
-            f"frames {start}..{indices[-1] if indices else start} outside the {info.num_frames} frames of {path}"
+            f"frames {start}..{start + (count - 1) * stride} (start, num_frames, stride) are outside the "
+            f"{info.num_frames} frames of {path}"
         )
+    raw_hw = (info.height, info.width)
     module = load_model(cfg)
+    hw = _target_size(cfg, raw_hw, module)
+    masks = _video_masks(cfg, indices, raw_hw, hw)
     raw = torch.from_numpy(read_frames(path, indices)).permute(0, 3, 1, 2).float() / 255
-    size = cfg.get("size")
-    if size is None:  # the short side at the training size, the long side a multiple of the factor
-        f = _factor(module)
-        s = _size(cfg, module)
-        h, w = raw.shape[-2:]
-        scale = s / min(h, w)
-        hw = (max(f, round(h * scale / f) * f), max(f, round(w * scale / f) * f))
-    else:
-        hw = _target_size(cfg, tuple(raw.shape[-2:]), _factor(module), "video")
     frames = F.interpolate(raw, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    masks = _video_masks(cfg, count, hw)
-    keys = [int(k) for k in (cfg.get("keyframes") or [0, -1])]
+    mask_keys = bool(cfg.get("mask_keyframes", False))
     out, fps = inpaint_clip(
-        module,
-        frames,
-        masks,
-        keys,
-        batch_size=int(cfg.get("batch_size", 8)),
-        mask_keyframes=bool(cfg.get("mask_keyframes", False)),
+        module, frames, masks, keys, batch_size=int(cfg.get("batch_size", 8)), mask_keyframes=mask_keys
     )
+    if not mask_keys:
+        masks = masks.clone()
+        masks[[k % count for k in keys]] = 0
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = float(cfg.get("fps") or info.fps or 8.0)
@@ -423,7 +475,8 @@ def _summary(values: dict[str, list[Tensor]], prefix: str) -> dict[str, float]:
 def evaluate(cfg: Any) -> dict[str, float]:
     """``inpaint-eval``: held-out photos (``num_samples`` targets with 2 keyframes each) and held-out clips of the
     OpenCV sample videos (``video_clips``; keyframes: first and last frame) -> ``out_dir/metrics.json``. Each metric
-    is also given for the model fed another item's keyframes (``other_keyframes``: does it use its keyframes?) and two
+    is also given for the model fed another item's keyframes (``other_keyframes``: does it use its keyframes?), fed
+    the target itself as its one keyframe (``self_keyframe``: does it copy a perfect keyframe?), and two
     references that need no network: the hole filled with the keyframe warped by the flow (``warp``: the local
     stream's raw material) and with the known pixels' mean colour (``mean_fill``)."""
     from twostream_inpaint.warp import flow_sample
@@ -440,6 +493,9 @@ def evaluate(cfg: Any) -> dict[str, float]:
     # the same model given another item's keyframes (same holes): how much it uses its keyframes at all
     other = {**batch, "srcs": batch["srcs"].roll(1, 0), "srcs_masks": batch["srcs_masks"].roll(1, 0)}
     refs["other_keyframes"] = _inpaint_batches(module, other, bs)[1]
+    # ... and the target itself, whole and undistorted, as its only keyframe: how much of a perfect keyframe it copies
+    own = {**batch, "srcs": img[:, None], "srcs_masks": torch.zeros_like(mask)[:, None]}
+    refs["self_keyframe"] = _inpaint_batches(module, own, bs)[1]
     mean = (img * (1 - mask)).flatten(2).sum(2) / (1 - mask).flatten(2).sum(2).clamp_min(1)
     refs["mean_fill"] = mask * mean[..., None, None] + (1 - mask) * img
     if module.flow is not None:
