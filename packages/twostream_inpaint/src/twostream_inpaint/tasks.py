@@ -80,14 +80,15 @@ def _val_items(cfg: DictConfig, module: Any, n: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _inpaint_batches(module: Any, batch: dict[str, Tensor], batch_size: int) -> tuple[Tensor, Tensor]:
-    """(raw predictions, composited) for a collated batch, ``batch_size`` items at a time."""
+def _inpaint_batches(module: Any, batch: dict[str, Tensor], batch_size: int) -> Tensor:
+    """The composited results (the prediction in the hole, the image elsewhere) for a collated batch, ``batch_size``
+    items at a time."""
     preds = []
     for i in range(0, batch["image"].shape[0], batch_size):
         part = {k: v[i : i + batch_size] for k, v in batch.items()}
         preds.append(module.inpaint(part["image"], part["mask"], part["srcs"], part.get("srcs_masks")))
     pred = torch.cat(preds)
-    return pred, batch["mask"] * pred + (1 - batch["mask"]) * batch["image"]
+    return batch["mask"] * pred + (1 - batch["mask"]) * batch["image"]
 
 
 def _holed(x: Tensor, m: Tensor) -> Tensor:
@@ -104,7 +105,7 @@ def sample(cfg: Any) -> Path:
     n = int(cfg.get("num_samples") or 8)
     module = load_model(cfg)
     batch = _val_items(cfg, module, n)
-    _, inpainted = _inpaint_batches(module, batch, int(cfg.get("batch_size", 16)))
+    inpainted = _inpaint_batches(module, batch, int(cfg.get("batch_size", 16)))
     srcs, smasks = batch["srcs"], batch["srcs_masks"]
     cols = [_holed(batch["image"], batch["mask"])[:, None], _holed(srcs, smasks)]
     cols += [inpainted[:, None], batch["image"][:, None]]
@@ -145,11 +146,15 @@ def _read_mask(path: str, what: str = "mask") -> Tensor:
 
 
 def _resize(x: Tensor, hw: tuple[int, int], nearest: bool = False) -> Tensor:
-    if tuple(x.shape[-2:]) == hw:
+    """(C, H, W) or (N, C, H, W) to ``hw``: nearest (masks) or antialiased bilinear clamped to [0, 1] (images)."""
+    if tuple(x.shape[-2:]) == tuple(hw):
         return x
+    batch = x if x.dim() == 4 else x[None]
     if nearest:
-        return F.interpolate(x[None], size=hw, mode="nearest")[0]
-    return F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+        out = F.interpolate(batch, size=hw, mode="nearest")
+    else:
+        out = F.interpolate(batch, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return out if x.dim() == 4 else out[0]
 
 
 def _target_size(cfg: DictConfig, hw: tuple[int, int], module: Any) -> tuple[int, int]:
@@ -172,7 +177,7 @@ def _target_size(cfg: DictConfig, hw: tuple[int, int], module: Any) -> tuple[int
     return size[0], size[1]
 
 
-def _paths(value: Any, key: str) -> list[str]:
+def _paths(value: Any) -> list[str]:
     """A list option given as a list, or as one bare value (``keyframes=a.png``)."""
     if value is None:
         return []
@@ -193,7 +198,7 @@ def image(cfg: Any) -> Path:
     for key in ("image", "mask"):
         if not cfg.get(key):
             raise ValueError(f"{key}: required (inpaint-image image=<photo> mask=<hole mask> keyframes=[<photos>])")
-    frames = _paths(cfg.get("keyframes"), "keyframes")
+    frames = _paths(cfg.get("keyframes"))
     if not frames:
         raise ValueError("keyframes: give at least one keyframe image (keyframes=[a.png,b.png])")
     img = _read_rgb(cfg.image, "image")
@@ -204,7 +209,7 @@ def image(cfg: Any) -> Path:
             "have the image's size"
         )
     check_holes(mask[None])
-    masks_k = _paths(cfg.get("keyframe_masks"), "keyframe_masks")
+    masks_k = _paths(cfg.get("keyframe_masks"))
     if masks_k and len(masks_k) != len(frames):
         raise ValueError(f"keyframe_masks: {len(masks_k)} given for {len(frames)} keyframes")
     keys = [_read_rgb(p, f"keyframe {p}") for p in frames]
@@ -267,7 +272,8 @@ def inpaint_clip(
     (whole, and written as they are, unless ``mask_keyframes``: then with their own holes, filled like the rest).
     The keyframes go through the encoder and the cross-attending blocks once (:meth:`GIResNetGenerator.
     keyframe_state`); each frame then needs its flows to the keyframes and the target pass. Returns (composited
-    frames (F, 3, H, W), frames per second)."""
+    frames (F, 3, H, W), the holes used (F, 1, H, W): the keyframes' cleared unless ``mask_keyframes``, frames per
+    second)."""
     from twostream_inpaint.lit import check_holes, check_inputs
 
     n = frames.shape[0]
@@ -281,8 +287,7 @@ def inpaint_clip(
     if not mask_keyframes:  # keyframes given whole: no hole there, written as they are
         masks = masks.clone()
         masks[idx] = 0
-    srcs = frames[idx][None]
-    smasks = masks[idx][None] if mask_keyframes else torch.zeros_like(masks[idx][None])
+    srcs, smasks = frames[idx][None], masks[idx][None]
     check_inputs(frames[:1], masks[:1], srcs, smasks)
     check_holes(masks)
     refs = torch.cat([srcs * (1 - smasks), smasks], dim=2)
@@ -298,7 +303,7 @@ def inpaint_clip(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     fps = n / (time.perf_counter() - start)
-    return torch.cat(out), fps
+    return torch.cat(out), masks, fps
 
 
 def _video_masks(cfg: DictConfig, indices: list[int], raw_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
@@ -378,20 +383,22 @@ def video(cfg: Any) -> Path:
     hw = _target_size(cfg, raw_hw, module)
     masks = _video_masks(cfg, indices, raw_hw, hw)
     raw = torch.from_numpy(read_frames(path, indices)).permute(0, 3, 1, 2).float() / 255
-    frames = F.interpolate(raw, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    mask_keys = bool(cfg.get("mask_keyframes", False))
-    out, fps = inpaint_clip(
-        module, frames, masks, keys, batch_size=int(cfg.get("batch_size", 8)), mask_keyframes=mask_keys
+    frames = _resize(raw, hw)
+    out, masks, fps = inpaint_clip(
+        module,
+        frames,
+        masks,
+        keys,
+        batch_size=int(cfg.get("batch_size", 8)),
+        mask_keyframes=bool(cfg.get("mask_keyframes", False)),
     )
-    if not mask_keys:
-        masks = masks.clone()
-        masks[[k % count for k in keys]] = 0
+    out, holed = out.cpu(), _holed(frames, masks.cpu())
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = float(cfg.get("fps") or info.fps or 8.0)
-    write_video(out.cpu().permute(1, 0, 2, 3) * 2 - 1, out_dir / "inpainted.mp4", fps=rate)
-    write_video(_holed(frames, masks).cpu().permute(1, 0, 2, 3) * 2 - 1, out_dir / "masked.mp4", fps=rate)
-    pair = torch.stack([_holed(frames, masks).cpu(), out.cpu()]).permute(0, 2, 1, 3, 4)  # (2, C, F, H, W)
+    write_video(out.permute(1, 0, 2, 3) * 2 - 1, out_dir / "inpainted.mp4", fps=rate)
+    write_video(holed.permute(1, 0, 2, 3) * 2 - 1, out_dir / "masked.mp4", fps=rate)
+    pair = torch.stack([holed, out]).permute(0, 2, 1, 3, 4)  # (2, C, F, H, W)
     save_gif(pair * 2 - 1, out_dir / "inpainted.gif", fps=min(rate, 12.0), scale=max(1, 128 // min(hw)))
     log.info("inpainted %d frames (%dx%d) at %.1f frames/s -> %s", count, hw[0], hw[1], fps, out_dir / "inpainted.mp4")
     return out_dir
@@ -487,15 +494,15 @@ def evaluate(cfg: Any) -> dict[str, float]:
     bs = int(cfg.get("batch_size", 16))
     perceptual = _Perceptual(cfg.get("lpips_weights"), module.device)
     batch = _val_items(cfg, module, n)
-    _, inpainted = _inpaint_batches(module, batch, bs)
+    inpainted = _inpaint_batches(module, batch, bs)
     img, mask = batch["image"], batch["mask"]
     refs: dict[str, Tensor] = {"model": inpainted}
     # the same model given another item's keyframes (same holes): how much it uses its keyframes at all
     other = {**batch, "srcs": batch["srcs"].roll(1, 0), "srcs_masks": batch["srcs_masks"].roll(1, 0)}
-    refs["other_keyframes"] = _inpaint_batches(module, other, bs)[1]
+    refs["other_keyframes"] = _inpaint_batches(module, other, bs)
     # ... and the target itself, whole and undistorted, as its only keyframe: how much of a perfect keyframe it copies
     own = {**batch, "srcs": img[:, None], "srcs_masks": torch.zeros_like(mask)[:, None]}
-    refs["self_keyframe"] = _inpaint_batches(module, own, bs)[1]
+    refs["self_keyframe"] = _inpaint_batches(module, own, bs)
     mean = (img * (1 - mask)).flatten(2).sum(2) / (1 - mask).flatten(2).sum(2).clamp_min(1)
     refs["mean_fill"] = mask * mean[..., None, None] + (1 - mask) * img
     if module.flow is not None:
@@ -535,7 +542,9 @@ def _video_metrics(module: Any, cfg: DictConfig, clips: int, perceptual: _Percep
     for i in range(min(clips, len(ds))):
         item = ds[i]
         keys = [int(k) for k in item["keyframe_index"]]
-        out, fps = inpaint_clip(module, item["frames"], item["masks"], keys, batch_size=int(cfg.get("batch_size", 16)))
+        out, _, fps = inpaint_clip(
+            module, item["frames"], item["masks"], keys, batch_size=int(cfg.get("batch_size", 16))
+        )
         rates.append(fps)
         inner = [j for j in range(len(out)) if j not in {k % len(out) for k in keys}]  # keyframes are given whole
         f, m = item["frames"][inner].to(out.device), item["masks"][inner].to(out.device)
