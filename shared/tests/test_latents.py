@@ -193,3 +193,32 @@ def test_freeze_keeps_any_module_in_eval_mode():
     assert not clone[1].training and parent[1] is not clone[1]
     x = torch.ones(4, 2)
     assert torch.equal(clone[1](x), x)  # dropout inactive
+
+
+def test_latent_cache_stores_what_encode_returns_and_named_keys(tmp_path):
+    class _Tagged(_Images):
+        fingerprint = "v1"
+
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "dataset": 2 - i % 2}
+
+    codec = IdentityCodec(3)
+    data = _Tagged(6)
+
+    def moments(x):
+        return {"latents": x, "std": x.abs() * 0.5}
+
+    out = build_latent_cache(codec, data, tmp_path / "c", encode=moments, keys=("label", "dataset"), batch_size=4)
+    ds = LatentCacheDataset(out)
+    assert set(ds.extra) == {"std", "dataset"}
+    item = ds[3]
+    torch.testing.assert_close(item["latent"], data.x[3])
+    torch.testing.assert_close(item["std"], data.x[3].abs() * 0.5)
+    assert item["label"] == 0 and int(item["dataset"]) == 1
+    # the dataset's own fingerprint is part of the cache's: another composition of the same length rebuilds it
+    mtime = (out / "index.json").stat().st_mtime_ns
+    _Tagged.fingerprint = "v2"
+    build_latent_cache(codec, data, out, encode=moments, keys=("label", "dataset"), batch_size=4)
+    assert (out / "index.json").stat().st_mtime_ns != mtime
+    with pytest.raises(ValueError, match="without 'latents'"):
+        build_latent_cache(codec, data, tmp_path / "d", encode=lambda x: {"mean": x})

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -369,8 +369,9 @@ class LatentNormalizer(nn.Module):
 INDEX_NAME = "index.json"
 
 
-def _fingerprint(codec: FrozenCodec, dataset: Dataset, image_key: str) -> str:
+def _fingerprint(codec: FrozenCodec, dataset: Dataset, image_key: str, extra: Mapping[str, Any]) -> str:
     meta = {
+        **extra,
         "codec": type(codec).__qualname__,
         "scale": codec.scale,
         "shift": codec.shift,
@@ -379,6 +380,7 @@ def _fingerprint(codec: FrozenCodec, dataset: Dataset, image_key: str) -> str:
         "len": len(dataset),  # type: ignore[arg-type]
         "key": image_key,
         "params": sum(float(p.double().sum()) for p in codec.parameters()),
+        "dataset_fingerprint": getattr(dataset, "fingerprint", None),  # what len() cannot tell apart (a union)
     }
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
@@ -390,6 +392,8 @@ def build_latent_cache(
     out_dir: str | os.PathLike,
     *,
     image_key: str = "image",
+    encode: Callable[[Tensor], Tensor | Mapping[str, Tensor]] | None = None,
+    keys: Sequence[str] = ("label",),
     batch_size: int = 64,
     shard_size: int = 10_000,
     num_workers: int = 0,
@@ -399,15 +403,22 @@ def build_latent_cache(
 ) -> Path:
     """Encode ``dataset`` once and write ``latents-XXXXX.safetensors`` shards plus ``index.json`` to ``out_dir``.
 
-    Each item must be a dict with ``image_key``; integer ``label``s are stored as a tensor, string ``caption``s in
-    the index. An existing cache with the same fingerprint (codec, scale, dataset size) is reused.
+    Each item must be a dict with ``image_key``; the per-item values named in ``keys`` (integer ``label``s by default,
+    e.g. also a dataset index) are stored as tensors, string ``caption``s in the index. ``encode`` replaces
+    ``codec.encode``: it may return a dict with ``"latents"`` and other per-sample tensors (e.g. the posterior's
+    ``"std"``, so training can draw posterior samples), which :class:`LatentCacheDataset` returns under their names.
+    An existing cache with the same fingerprint (codec, scale, dataset size and the dataset's own ``fingerprint``
+    attribute when it has one, encode function, keys) is reused.
     """
     from gencore.io import atomic_path, save_safetensors
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"build_latent_cache: batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     out = Path(out_dir)
-    fp = _fingerprint(codec, dataset, image_key)
+    encode_fn = codec.encode if encode is None else encode
+    keys = tuple(keys)
+    name = getattr(encode, "__qualname__", type(encode).__qualname__) if encode is not None else None
+    fp = _fingerprint(codec, dataset, image_key, {"encode": name, "keys": list(keys)})
     index_path = out / INDEX_NAME
     if index_path.is_file() and not overwrite:
         index = json.loads(index_path.read_text())
@@ -418,30 +429,34 @@ def build_latent_cache(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     shards: list[str] = []
     captions: list[str] = []
-    buf: dict[str, list[Tensor]] = {"latents": [], "label": []}
+    buf: dict[str, list[Tensor]] = {}
     count = buffered = 0
 
     def flush() -> None:
         nonlocal buffered
-        if not buf["latents"]:
+        if not buf.get("latents"):
             return
-        tensors = {"latents": torch.cat(buf["latents"])}
-        if buf["label"]:
-            tensors["label"] = torch.cat(buf["label"])
-        name = f"latents-{len(shards):05d}.safetensors"
-        save_safetensors(tensors, out / name)
-        shards.append(name)
-        buf["latents"].clear()
-        buf["label"].clear()
+        tensors = {k: torch.cat(v) for k, v in buf.items() if v}
+        shard = f"latents-{len(shards):05d}.safetensors"
+        save_safetensors(tensors, out / shard)
+        shards.append(shard)
+        buf.clear()
         buffered = 0
 
     for batch in loader:
         if not isinstance(batch, Mapping) or image_key not in batch:
             raise ValueError(f"build_latent_cache: dataset items must be dicts with key {image_key!r}")
-        z = codec.encode(batch[image_key].to(device)).to("cpu", dtype)
-        buf["latents"].append(z)
-        if "label" in batch:
-            buf["label"].append(torch.as_tensor(batch["label"]).long())
+        encoded = encode_fn(batch[image_key].to(device))
+        encoded = dict(encoded) if isinstance(encoded, Mapping) else {"latents": encoded}
+        if "latents" not in encoded:
+            raise ValueError(f"build_latent_cache: encode returned {sorted(encoded)}, without 'latents'")
+        z = encoded["latents"]
+        for k, v in encoded.items():
+            buf.setdefault(k, []).append(v.detach().to("cpu", dtype))
+        for k in keys:
+            if k in batch:
+                value = torch.as_tensor(batch[k])
+                buf.setdefault(k, []).append(value.long() if not value.is_floating_point() else value)
         if "caption" in batch:
             captions.extend(list(batch["caption"]))
         count += z.shape[0]
