@@ -28,6 +28,7 @@ GEN1 = ["experiment=tiny"]
 IMAGEBART = ["experiment=tiny"]
 GEOFREE = ["experiment=tiny"]
 TSI = ["experiment=tiny"]
+NET2NET = ["experiment=cinn_union", "first_stage=pkg://ldm/checkpoints/autoencoder_fmnist", "datamodule.limit=16"]
 LIMIT_VAL = "datamodule.limit_val=8"  # the image datamodules' validation cap
 TAMING, LDM, SD3 = [*TAMING, LIMIT_VAL], [*LDM, LIMIT_VAL], [*SD3, LIMIT_VAL]
 COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]  # if one is not refused
@@ -96,6 +97,14 @@ CASES = [
     ("twostream_inpaint", TSI, "module.perceptual=vgg", r"unknown perceptual loss 'vgg'; valid: resnet_pl, fmnist"),
     ("twostream_inpaint", TSI, "flow.kind=magic", r"module\.flow: unknown flow estimator kind 'magic'"),
     ("twostream_inpaint", TSI, "module.flow=null", r"deformable, flow-guided\) stream but no flow estimator"),
+    ("net2net", NET2NET, "+module.flow.in_channels=128", r"latents of width 256 .* in_channels=128"),
+    ("net2net", NET2NET, "module.dataset_names=[fashion_mnist,digits]", r"width 2, .* conditioning_dim=3"),
+    ("net2net", NET2NET, "datamodule.members=[fashion_mnist,cats]", r"cats"),
+    ("net2net", NET2NET, "datamodule.image_size=30", r"image_size 30 is not divisible by .* factor 4"),
+    ("net2net", NET2NET, "datamodule.per_member=0", r"per_member must be"),
+    ("net2net", NET2NET, "module.flow.preset=huge", r"unknown .*preset 'huge'"),
+    ("net2net", NET2NET, "first_stage=/nowhere", r"/nowhere"),
+    ("net2net", NET2NET, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
 ]
 
 

@@ -166,7 +166,8 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
                        label="real target", zorder=3)  # fmt: skip
         ax.set_xticks(np.arange(k), [f"onto\n{t}" for t in names], fontsize=8)
         ax.set_title(attr.replace("_", " "), fontsize=10)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     for j in range(len(panels), axes.shape[1]):
         axes[0][j].axis("off")
     for j in range(axes.shape[1]):
@@ -185,7 +186,8 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
             ax.step(np.arange(10), real, where="mid", c="k", lw=1, label="real target")
         ax.set_xticks(np.arange(10), [c.split("/")[0][:7] for c in CLASS_NAMES], rotation=60, fontsize=7)
         ax.set_title(f"Fashion-MNIST classes of projections onto {tgt}", fontsize=9)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

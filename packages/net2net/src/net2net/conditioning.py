@@ -72,7 +72,7 @@ class Labelator(ClassLabels, Conditioner):
 
     def generation_batch(self, n: int, labels: Any = None, **request: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if labels is not None:
-            items = [labels] if isinstance(labels, (int, str)) else list(labels)
+            items = [labels] * n if isinstance(labels, (int, str)) else list(labels)  # one label: all n samples
             labels = [self.index(label) for label in items]
         return super().generation_batch(n, labels=labels, **request)
 

@@ -43,8 +43,11 @@ def sample(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """(B, D) latents z = T⁻¹(v | c) with v ~ N(0, temperature² I)."""
-    v = torch.randn(c.shape[0], width, generator=generator, device=c.device, dtype=c.dtype) * temperature
+    """(B, D) latents z = T⁻¹(v | c) with v ~ N(0, temperature² I), drawn in the flow's dtype (the conditioning may be
+    an integer one-hot)."""
+    weight = next(flow.parameters(), None)
+    dtype = weight.dtype if weight is not None else c.dtype
+    v = torch.randn(c.shape[0], width, generator=generator, device=c.device, dtype=dtype) * temperature
     return flow.reverse(v, c)
 
 
@@ -68,8 +71,11 @@ def project_all(flow: nn.Module, z: Tensor, c_src: Tensor, c_targets: Tensor) ->
 
 @torch.no_grad()
 def project_loop(flow: nn.Module, z: Tensor, c_src: Tensor, c_targets: Tensor) -> Tensor:
-    """(B, K, D) like :func:`project_all`, the official way: one forward and one inverse pass per target."""
-    return torch.stack([project(flow, z, c_src, c_targets[j : j + 1]) for j in range(c_targets.shape[0])], dim=1)
+    """(B, K, D) like :func:`project_all`, the official way (``modify_input``): one forward pass, then one inverse
+    pass per target."""
+    b = z.shape[0]
+    v, _ = flow(z, _rows(c_src, b, "project_loop"))
+    return torch.stack([flow.reverse(v, c_targets[j : j + 1].expand(b, -1)) for j in range(c_targets.shape[0])], 1)
 
 
 @torch.no_grad()
@@ -89,5 +95,6 @@ def interpolate(
     if mode == "latent":
         zp = flow.reverse(v, c_tgt)
         return torch.lerp(z[:, None], zp[:, None], a[None, :, None])
+    c_src, c_tgt = c_src.to(a.dtype), c_tgt.to(a.dtype)  # (integer one-hots blend as floats)
     c = torch.lerp(c_src[:, None], c_tgt[:, None], a[None, :, None]).reshape(b * n, -1)  # (B·A, width)
     return flow.reverse(v.repeat_interleave(n, dim=0), c).reshape(b, n, -1)

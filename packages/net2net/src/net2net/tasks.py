@@ -125,11 +125,11 @@ def _user_images(paths: Sequence[str], size: int, channels: int) -> Tensor:
     for p in paths:
         path = Path(str(p)).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"net2net-translate: image not found: {path}")
+            raise FileNotFoundError(f"image not found: {path}")
         try:
             arr = load_image(path, channels=channels)
         except (OSError, ValueError) as e:
-            raise ValueError(f"net2net-translate: cannot read {path} as an image ({e})") from e
+            raise ValueError(f"cannot read {path} as an image ({e})") from e
         out.append(resize_center_crop(to_model_range(arr), size))
     return torch.stack(out)
 
@@ -159,9 +159,9 @@ def translate(cfg: Any) -> Path:
         if isinstance(images, str):
             images = [images]
         if len(images) == 0:
-            raise ValueError("net2net-translate: images=[] is empty")
+            raise ValueError("images=[] is empty: give image files, or leave images out for held-out ones")
         if source is None:
-            raise ValueError(f"net2net-translate: say which dataset your images are from: source=<one of {names}>")
+            raise ValueError(f"say which dataset your images are from: source=<one of {', '.join(names)}>")
         x = _user_images(list(images), module.image_size, _channels(module))
         src = module.labels_tensor(source, x.shape[0])
     else:
@@ -172,7 +172,7 @@ def translate(cfg: Any) -> Path:
     targets = cfg.get("targets")
     tgt = list(range(len(names))) if targets is None else [module.dataset_index(t) for t in targets]
     if not tgt:
-        raise ValueError("net2net-translate: targets=[] is empty")
+        raise ValueError("targets=[] is empty: name datasets to project onto, or leave targets out for all")
     rec, proj = _projection_rows(module, x, src, bs)
     proj = proj[:, tgt]
     out_dir = Path(str(cfg.out_dir))
