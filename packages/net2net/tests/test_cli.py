@@ -141,6 +141,16 @@ def test_eval(trained):
     assert (run_dir / "eval" / "samples.png").is_file() and (run_dir / "eval" / "projections.png").is_file()
 
 
+def test_eval_of_the_union_autoencoder(trained, tmp_path):
+    run_dir, _ = trained
+    out = ok(cli("net2net-eval", f"checkpoint={run_dir / 'first_stage'}", "num_images=4", f"out_dir={tmp_path}",
+                 cwd=tmp_path))  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(metrics) == sorted([*(f"recon_psnr/{n}" for n in NAMES), "num_images_per_dataset"]), metrics
+    assert all(np.isfinite(metrics[f"recon_psnr/{n}"]) for n in NAMES) and "recon_psnr/lfw" in out
+    assert (tmp_path / "reconstructions.png").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------- user errors
 
 ERRORS = {

@@ -26,13 +26,16 @@ def _cfg(cfg: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
 
 
-def load_model(cfg: Any) -> Any:
-    """The cINN of ``cfg.checkpoint`` on the config's device (eval mode)."""
+def load_model(cfg: Any, *, first_stage_ok: bool = False) -> Any:
+    """The cINN of ``cfg.checkpoint`` on the config's device (eval mode); with ``first_stage_ok`` also the union
+    autoencoder a cINN is trained over."""
     from net2net.lit import Net2NetFlow
 
     cfg = _cfg(cfg)
     run.check_sample_config(cfg)
     module = run.load_for_sampling(cfg, run.task_device(cfg))
+    if first_stage_ok and hasattr(getattr(module, "model", None), "encoder"):
+        return module
     if not isinstance(module, Net2NetFlow):
         raise ValueError(
             f"{cfg.checkpoint} holds a {type(module).__name__}, not a net2net cINN (an autoencoder run is the first "
@@ -311,7 +314,8 @@ def _bits_per_dim(module: Any, x: Tensor, label: int, bs: int, seed: int) -> tup
 
 @torch.no_grad()
 def evaluate(cfg: Any) -> dict[str, float]:
-    """``net2net-eval`` -> ``metrics.json``: per dataset, the cINN's bits per latent dimension on held-out images
+    """``net2net-eval`` -> ``metrics.json``: for the union autoencoder (a first stage), reconstruction PSNR per
+    dataset; for a cINN, per dataset the cINN's bits per latent dimension on held-out images
     (``num_images`` each) and how often the likelihood picks the right dataset (argmax_y p(z | y)); the autoencoder's
     reconstruction PSNR; ``num_samples`` samples (spread over the datasets) and the projections of the held-out images
     onto every dataset, each scored by a dataset classifier fitted on real training images (share recognised as the
@@ -320,7 +324,9 @@ def evaluate(cfg: Any) -> dict[str, float]:
     from gencore.metrics import psnr
 
     cfg = _cfg(cfg)
-    module = load_model(cfg)
+    module = load_model(cfg, first_stage_ok=True)
+    if not hasattr(module, "flow"):
+        return _evaluate_autoencoder(cfg, module)
     names = module.dataset_names
     k = len(names)
     n_img = int(cfg.get("num_images") or 200)
@@ -367,5 +373,35 @@ def evaluate(cfg: Any) -> dict[str, float]:
     if sample_rows:
         width = min(len(r) for r in sample_rows)
         save_grid(torch.cat([r[:width] for r in sample_rows]), out_dir / "samples.png", nrow=width)
+    run.write_metrics(metrics, out_dir)
+    return metrics
+
+
+@torch.no_grad()
+def _evaluate_autoencoder(cfg: DictConfig, module: Any) -> dict[str, float]:
+    """``net2net-eval`` of the union autoencoder: reconstruction PSNR of ``num_images`` held-out images of each member
+    of ``members`` (default: all) -> ``metrics.json`` and ``reconstructions.png`` (rows: inputs, reconstructions)."""
+    from gencore.metrics import psnr
+    from gencore.viz import save_grid
+    from net2net.data import MEMBERS, load_member
+
+    ae = module.model
+    size = int(cfg.get("image_size") or getattr(ae.encoder, "resolution", 32))
+    channels = int(ae.encoder.in_channels)
+    n = int(cfg.get("num_images") or 200)
+    bs = int(cfg.get("batch_size", 64))
+    metrics: dict[str, Any] = {"num_images_per_dataset": n}
+    rows = []
+    for name in cfg.get("members") or MEMBERS:
+        x, _ = load_member(str(name), str(cfg.get("split", "val")), image_size=size, channels=channels)
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))))[:n]]
+        rec = _batched(lambda b: module.log_images({"image": b.to(module.device)}, len(b))["reconstructions"], x, bs)
+        rec = rec.clamp(-1, 1).cpu()
+        metrics[f"recon_psnr/{name}"] = float(psnr(rec, x).mean())
+        rows += [x[:8], rec[:8]]
+    out_dir = Path(str(cfg.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = min(len(r) for r in rows)
+    save_grid(torch.cat([r[:width] for r in rows]), out_dir / "reconstructions.png", nrow=width)
     run.write_metrics(metrics, out_dir)
     return metrics
