@@ -23,6 +23,10 @@ MAX_BYTES = 6 * 2**20
 # reconstruction PSNR a first stage must beat on 16 test images (its MADE_BY.md has the 1,000-image figure)
 # hole PSNR (dB) the shipped inpainting model must beat the mean-colour fill by on 32 held-out photos
 SHIPPED_INPAINT_MARGIN = 1.0
+# the union autoencoder's reconstruction PSNR per dataset (16 held-out images; MADE_BY.md: 500-image figures), and the
+# share of held-out latents whose likeliest dataset under the cINN is their own (chance: 1/3)
+NET2NET_MIN_PSNR = {"fashion_mnist": 20.0, "digits": 26.0, "lfw": 21.0}
+NET2NET_MIN_PICKED = 0.7
 MIN_PSNR = {"vqgan_fmnist": 14.0, "vqgan_scenes": 15.0, "depth_vqgan_scenes": 24.0}  # brief VQGANs: 15.5, 17.0, 27.0 dB
 
 pytestmark = pytest.mark.skipif(
@@ -47,7 +51,34 @@ def test_packages_ship_checkpoints():
         "imagebart",
         "geofree",
         "twostream_inpaint",
+        "net2net",
     }
+
+
+def check_net2net(module) -> None:
+    """The autoencoder reconstructs held-out images of every dataset of the union; the cINN's likelihood tells the
+    datasets apart (argmax_y p(z | y) well above the 1/3 of chance), its round trip is exact, and it samples."""
+    from gencore.metrics import psnr
+    from net2net.data import MEMBERS, load_member
+    from net2net.models.flow import bits_per_dim
+
+    if not hasattr(module, "flow"):
+        for name in MEMBERS:
+            x = load_member(name, "val", image_size=32)[0][:16]
+            rec = module.log_images({"image": x}, 16)["reconstructions"].clamp(-1, 1)
+            assert psnr(rec, x).mean() > NET2NET_MIN_PSNR[name], name
+        return
+    picked = []
+    with torch.no_grad():
+        for i, name in enumerate(module.dataset_names):
+            z = module.encode(load_member(name, "val", image_size=module.image_size)[0][:16])
+            c = module.one_hot([i] * len(z))
+            assert (module.flow.reverse(module.flow(z, c)[0], c) - z).abs().max() < 1e-4
+            nll = torch.stack([bits_per_dim(*module.flow(z, module.one_hot([j] * len(z)))) for j in range(3)], 1)
+            picked.append((nll.argmin(1) == i).float())
+        out = module.generate(6, labels=[0, 1, 2, 0, 1, 2])
+    assert torch.cat(picked).mean() > NET2NET_MIN_PICKED
+    assert out["images"].shape == (6, 1, 32, 32) and torch.isfinite(out["images"]).all()
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[pkg_path(f) for f in SHIPPED])
@@ -114,6 +145,8 @@ def test_shipped_checkpoint_loads_and_works(folder):
         ours = hole_psnr(m * pred + (1 - m) * x, x, m).mean()
         flat = hole_psnr(m * mean[..., None, None] + (1 - m) * x, x, m).mean()  # the known pixels' mean colour
         assert ours > flat + SHIPPED_INPAINT_MARGIN, (ours, flat)
+    elif folder.parents[1].name == "net2net":  # the union autoencoder, and the cINN over its latents
+        check_net2net(module)
     elif hasattr(module, "generate"):
         from gencore.metrics import class_accuracy
 

@@ -292,3 +292,23 @@ def test_log_images(codec, real):
     torch.testing.assert_close(latents["inputs"], module.decode(module.encode(x[:3])))
     with pytest.raises(ValueError, match="dataset"):
         module.log_images({"image": x})
+
+
+def test_latent_noise_is_added_in_training_only(codec, real):
+    """``latent_noise`` σ: the flow sees z + σ·ε in a training step and z itself in validation."""
+    module = initialised(codec, real, latent_noise=0.5, sample_posterior=False)
+    quiet(module)
+    seen: list[torch.Tensor] = []
+    flow_forward = module.flow.forward
+    module.flow.forward = lambda z, c, **kw: (seen.append(z.detach().clone()), flow_forward(z, c, **kw))[1]
+    z = real["zv"][:8].reshape(8, 2, 8, 8)
+    batch = {"latent": z, "std": torch.zeros_like(z), "dataset": real["yv"][:8]}
+    torch.manual_seed(0)
+    module.training_step(batch, 0)
+    module.validation_step(batch, 0)
+    train_z, val_z = seen
+    torch.testing.assert_close(val_z, z.flatten(1))
+    noise = train_z - z.flatten(1)
+    assert 0.4 < noise.std() < 0.6 and noise.abs().max() > 0
+    with pytest.raises(ValueError, match="latent_noise must be >= 0"):
+        make(codec, latent_noise=-0.1)
