@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from _harness import append_results, count_flops, matmul_rate, row, timeit
 
 from ldm.first_stage import KLCodec
+from ldm.models.autoencoder import build_autoencoder
 from net2net.data import PosteriorMoments
-from net2net.first_stage import union_autoencoder
 from net2net.models.flow import build_flow, nll_loss
 from net2net.ops import project_all, project_loop
 
@@ -94,12 +94,12 @@ def main() -> None:
     rate = matmul_rate()
     rows, notes = [], []
 
-    toy_codec = KLCodec(union_autoencoder("fmnist_kl_f4"))  # 1 x 32 x 32 -> 4 x 8 x 8
+    toy_codec = KLCodec(build_autoencoder("fmnist_kl_f4"))  # 1 x 32 x 32 -> 4 x 8 x 8
     r, n = step_rows("toy step", build_flow("toy"), toy_codec, 128, rate)
     rows.append(r)
     notes.append(n)
 
-    paper_codec = KLCodec(union_autoencoder("fmnist_kl_f4", ddconfig={"z_channels": 2}, embed_dim=2))  # 2 x 8 x 8
+    paper_codec = KLCodec(build_autoencoder("fmnist_kl_f4", ddconfig={"z_channels": 2}, embed_dim=2))  # 2 x 8 x 8
     paper = build_flow("creativity")
     r, n = step_rows("paper step", paper, paper_codec, 64, rate)
     rows.append(r)

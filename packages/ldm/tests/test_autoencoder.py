@@ -475,3 +475,22 @@ def test_older_config_targets_resolve_lazily():
 
     with pytest.raises(AttributeError, match="no attribute 'codec'"):
         _ = module.codec
+
+
+def test_build_autoencoder_init_from_copies_another_autoencoders_weights(tmp_path):
+    """``init_from``: start from a trained KL autoencoder of the same shape (here an official-layout ``.ckpt``)."""
+    import torch
+
+    from ldm.models.autoencoder import build_autoencoder
+
+    torch.manual_seed(1)
+    source = build_autoencoder("tiny")
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "ae.ckpt")
+    torch.manual_seed(2)
+    model = build_autoencoder("tiny", init_from=tmp_path / "ae.ckpt")
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="not a tiny autoencoder of this shape"):
+        build_autoencoder("tiny", init_from=tmp_path / "ae.ckpt", ddconfig={"ch": 64})
+    with pytest.raises(FileNotFoundError, match="init_from=.*nowhere.ckpt not found"):
+        build_autoencoder("tiny", init_from=tmp_path / "nowhere.ckpt")

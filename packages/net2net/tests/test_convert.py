@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from gencore.io import CheckpointError, CheckpointKeyError, UnsafeCheckpointError
 from gencore.testing import fake_classes
 from ldm.first_stage import KLCodec
+from ldm.models.autoencoder import build_autoencoder
 from net2net.convert import flow_config_from_state, load_official, net2net_from_official
-from net2net.first_stage import union_autoencoder
 from net2net.lit import Net2NetFlow
 from net2net.models.flow import FLOW_PRESETS, ConditionalFlatCouplingFlow, build_flow
 
@@ -243,7 +243,7 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
 def test_net2net_from_official_builds_the_cinn_over_a_codec(official):
     flow, path = official
     torch.manual_seed(0)  # a KL autoencoder with 1 x 4 x 4 = 16-d latents at 16 x 16 (f = 4)
-    ae = union_autoencoder(
+    ae = build_autoencoder(
         "fmnist_kl_f4", ddconfig={"resolution": 16, "ch": 32, "ch_mult": [1, 1, 1], "z_channels": 1}, embed_dim=1
     )
     names = ("fashion_mnist", "digits", "lfw")

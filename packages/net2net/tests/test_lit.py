@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ldm.first_stage import KLCodec
+from ldm.models.autoencoder import build_autoencoder
 from net2net.conditioning import Labelator
 from net2net.data import MEMBERS, load_member
-from net2net.first_stage import union_autoencoder
 from net2net.lit import Net2NetFlow
 from net2net.models.flow import bits_per_dim, build_flow
 
@@ -26,7 +26,7 @@ def codec() -> KLCodec:
     """A tiny KL autoencoder (f = 2, 2 latent channels: 1 x 16 x 16 -> 2 x 8 x 8), random weights, frozen; a
     non-trivial latent scale and shift."""
     torch.manual_seed(0)
-    return KLCodec(union_autoencoder("fmnist_kl_f4", **TINY_AE), scale=0.8, shift=0.05)
+    return KLCodec(build_autoencoder("fmnist_kl_f4", **TINY_AE), scale=0.8, shift=0.05)
 
 
 def make(codec, seed: int = 0, **kwargs) -> Net2NetFlow:

@@ -185,7 +185,7 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
         if real is not None:
             ax.step(np.arange(10), real, where="mid", c="k", lw=1, label="real target")
         ax.set_xticks(np.arange(10), [c.split("/")[0][:7] for c in CLASS_NAMES], rotation=60, fontsize=7)
-        ax.set_title(f"Fashion-MNIST classes of projections onto {tgt}", fontsize=9)
+        ax.set_title(f"Fashion-MNIST classes: onto {tgt}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.tight_layout()

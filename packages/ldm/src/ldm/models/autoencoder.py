@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -224,11 +225,16 @@ AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_autoencoder(preset: str | None = None, **overrides: Any) -> AutoencoderKL:
+def build_autoencoder(
+    preset: str | None = None, *, init_from: str | os.PathLike | None = None, **overrides: Any
+) -> AutoencoderKL:
     """An :class:`AutoencoderKL` from a preset of :data:`AUTOENCODER_PRESETS` plus keyword overrides.
 
     ``ddconfig`` overrides are merged into the preset's (``build_autoencoder("tiny", ddconfig={"in_channels": 1,
-    "out_ch": 1})``); without a preset, ``ddconfig`` and ``embed_dim`` are required.
+    "out_ch": 1})``); without a preset, ``ddconfig`` and ``embed_dim`` are required. ``init_from`` starts from the
+    weights of another KL autoencoder of the same shape (a genlab export / run folder / ``pkg://`` checkpoint /
+    official ``.ckpt``: :func:`ldm.first_stage.load_kl_first_stage`), e.g. to fine-tune a shipped one on new data; a
+    checkpoint of another shape is a ValueError naming the mismatched tensors.
     """
     if preset is None:
         kwargs: dict[str, Any] = {}
@@ -242,7 +248,28 @@ def build_autoencoder(preset: str | None = None, **overrides: Any) -> Autoencode
     kwargs.update(overrides)
     if "ddconfig" not in kwargs or "embed_dim" not in kwargs:
         raise ValueError("build_autoencoder needs a preset, or both ddconfig and embed_dim")
-    return AutoencoderKL(**kwargs)
+    model = AutoencoderKL(**kwargs)
+    if init_from is not None:
+        _init_from(model, init_from, preset)
+    return model
+
+
+def _init_from(model: AutoencoderKL, path: str | os.PathLike, preset: str | None) -> None:
+    from gencore.io import resolve_path
+    from ldm.first_stage import load_kl_first_stage  # (imports this module)
+
+    if not resolve_path(path).exists():
+        raise FileNotFoundError(f"build_autoencoder: init_from={path} not found")
+    source, _ = load_kl_first_stage(path)
+    ours, theirs = model.state_dict(), source.state_dict()
+    bad = sorted(k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape)
+    extra = sorted(set(theirs) - set(ours))
+    if bad or extra:
+        raise ValueError(
+            f"build_autoencoder: init_from={path} is not a {preset or 'KL'} autoencoder of this shape ({len(bad)} "
+            f"missing / mismatched tensors, {len(extra)} unexpected, e.g. {(bad or extra)[:3]})"
+        )
+    model.load_state_dict(theirs)
 
 
 # ------------------------------------------------------------------------------- names that moved to first_stage
