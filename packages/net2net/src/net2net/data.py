@@ -12,8 +12,9 @@ grayscale datasets that ship with the environment (no download):
   upsampled with **bicubic** interpolation (``align_corners=False``), then clamped to [-1, 1] (bicubic overshoots a
   little at the strokes' edges). Split: a permutation from ``np.random.default_rng(0)``, its last 297 items val,
   the other 1,500 train. Labels: the digit 0..9.
-- ``lfw``: scikit-image's ``lfw_subset`` (200 real 25×25 face crops in [0, 1]): ``x · 2 − 1`` resized with
-  antialiased bilinear interpolation. Split: permutation from ``default_rng(0)``, last 30 val, other 170 train.
+- ``lfw``: the 100 faces of scikit-image's ``lfw_subset`` (real 25×25 LFW face crops in [0, 1]; its other 100
+  images are background crops without a face, for face detection, and are not used): ``x · 2 − 1`` resized with
+  antialiased bilinear interpolation. Split: permutation from ``default_rng(0)``, last 15 val, other 85 train.
   No class labels: ``-1``.
 
 Every image is (channels, image_size, image_size) float in [-1, 1] with a dark background; ``channels=3`` repeats
@@ -72,7 +73,8 @@ SPLITS: tuple[str, ...] = ("train", "val")
 # members whose content a horizontal flip keeps in the data distribution (a flipped digit is another glyph)
 FLIPPABLE: frozenset[str] = frozenset({"fashion_mnist", "lfw"})
 _SPLIT_SEED = 0
-_DIGITS_VAL, _LFW_VAL = 297, 30
+_DIGITS_VAL, _LFW_VAL = 297, 15
+LFW_FACES = 100  # lfw_subset(): the first 100 images are faces, the other 100 background crops
 # bumped when a member's preprocessing changes: part of the fingerprint, so latent caches of the old images rebuild
 _PREPROCESSING_VERSION = 1
 
@@ -143,7 +145,7 @@ def _digits_source() -> tuple[np.ndarray, np.ndarray]:
 def _lfw_source() -> np.ndarray:
     from skimage.data import lfw_subset
 
-    return np.asarray(lfw_subset(), dtype=np.float32)
+    return np.asarray(lfw_subset()[:LFW_FACES], dtype=np.float32)  # the faces only
 
 
 def _split_indices(n: int, n_val: int, split: str) -> np.ndarray:
