@@ -61,7 +61,7 @@ class Net2NetFlow(L.LightningModule):
         sample_posterior: train on posterior samples (official) rather than the posterior mean.
         latent_noise: the standard deviation of extra Gaussian noise added to the training latents (not in the
             official code, 0 there): the flow then fits the latents' density smoothed by N(0, σ²), a regulariser when
-            a dataset is small (the toy's 170 faces); validation and inference see the latents without it.
+            a dataset is small (the toy's 85 training faces); validation and inference see the latents without it.
         image_key / latent_key: batch keys of images (encoded every step) or cached latents (with ``std``).
         temperature: default scale of v when sampling.
     """
