@@ -14,7 +14,9 @@ grayscale datasets that ship with the environment (no download):
   the other 1,500 train. Labels: the digit 0..9.
 - ``lfw``: the 100 faces of scikit-image's ``lfw_subset`` (real 25×25 LFW face crops in [0, 1]; its other 100
   images are background crops without a face, for face detection, and are not used): ``x · 2 − 1`` resized with
-  antialiased bilinear interpolation. Split: permutation from ``default_rng(0)``, last 15 val, other 85 train.
+  antialiased bilinear interpolation. Split: a permutation of all 200 crops from ``default_rng(0)``, its last 30 val,
+  the faces among them: 84 train / 16 val (the split the toy autoencoder was trained with, when the member still held
+  the background crops too: no held-out face was seen by it).
   No class labels: ``-1``.
 
 Every image is (channels, image_size, image_size) float in [-1, 1] with a dark background; ``channels=3`` repeats
@@ -73,7 +75,7 @@ SPLITS: tuple[str, ...] = ("train", "val")
 # members whose content a horizontal flip keeps in the data distribution (a flipped digit is another glyph)
 FLIPPABLE: frozenset[str] = frozenset({"fashion_mnist", "lfw"})
 _SPLIT_SEED = 0
-_DIGITS_VAL, _LFW_VAL = 297, 15
+_DIGITS_VAL, _LFW_VAL = 297, 30  # LFW: of lfw_subset's 200 crops, faces and background
 LFW_FACES = 100  # lfw_subset(): the first 100 images are faces, the other 100 background crops
 # bumped when a member's preprocessing changes: part of the fingerprint, so latent caches of the old images rebuild
 _PREPROCESSING_VERSION = 1
@@ -154,6 +156,12 @@ def _split_indices(n: int, n_val: int, split: str) -> np.ndarray:
     return perm[n - n_val :] if split == "val" else perm[: n - n_val]
 
 
+def _lfw_indices(split: str) -> np.ndarray:
+    """The faces (indices < 100 of ``lfw_subset()``) in ``split`` of the fixed split of all 200 crops."""
+    idx = _split_indices(2 * LFW_FACES, _LFW_VAL, split)
+    return idx[idx < LFW_FACES]
+
+
 class _Member:
     """One member's split at one image size: labels, the items' indices in the source, and images on demand."""
 
@@ -177,7 +185,7 @@ class _Member:
             self.labels = torch.from_numpy(targets[idx])
         elif name == "lfw":
             faces = _lfw_source()
-            idx = _split_indices(len(faces), _LFW_VAL, split)
+            idx = _lfw_indices(split)
             x = torch.from_numpy(faces[idx]).unsqueeze(1).mul(2.0).sub(1.0)
             if image_size != x.shape[-1]:
                 x = F.interpolate(
@@ -227,7 +235,7 @@ def member_indices(name: str, split: str) -> np.ndarray:
     if name == "digits":
         return _split_indices(len(_digits_source()[0]), _DIGITS_VAL, split)
     if name == "lfw":
-        return _split_indices(len(_lfw_source()), _LFW_VAL, split)
+        return _lfw_indices(split)
     return _member(name, split, 32, 1).source_index.numpy()  # (the default size: usually loaded already)
 
 
