@@ -162,6 +162,9 @@ ERRORS = {
     "images_without_source": (["net2net-translate", "images=[x.png]"], "say which dataset your images are from"),
     "missing_image": (["net2net-translate", "images=[nope.png]", "source=lfw"], "image not found: nope.png"),
     "no_targets": (["net2net-translate", "num_images=1", "targets=[]"], "targets=[] is empty"),
+    "zero_images": (["net2net-translate", "num_images=0"], "num_images must be an integer >= 1, got 0"),
+    "no_alphas": (["net2net-translate", "num_images=1", "alphas=[]"], "alphas=[] is empty"),
+    "bad_mode": (["net2net-translate", "num_images=1", "mode=foo"], "mode='foo' is not one of latent, label"),
 }
 
 

@@ -40,7 +40,7 @@ def kl_codec() -> KLCodec:
 
 @pytest.mark.parametrize(
     ("name", "split", "n"),
-    [("digits", "train", 1500), ("digits", "val", 297), ("lfw", "train", 85), ("lfw", "val", 15)],
+    [("digits", "train", 1500), ("digits", "val", 297), ("lfw", "train", 84), ("lfw", "val", 16)],
 )
 def test_small_members_shapes_ranges_and_split_sizes(name, split, n):
     images, labels = load_member(name, split)
@@ -68,13 +68,15 @@ def test_fashion_member_shapes_and_split_sizes():
     assert item["image"].shape == (3, 32, 32) and 0 <= item["label"] < 10 and item["dataset"] == 0
 
 
-@pytest.mark.parametrize(("name", "total"), [("digits", 1797), ("lfw", 100)])
-def test_splits_are_fixed_disjoint_and_cover_the_source(name, total):
+@pytest.mark.parametrize(("name", "total", "n_val"), [("digits", 1797, 297), ("lfw", 200, 30)])
+def test_splits_are_fixed_disjoint_and_cover_the_source(name, total, n_val):
     train, val = member_indices(name, "train"), member_indices(name, "val")
     assert len(set(train.tolist()) & set(val.tolist())) == 0
-    assert sorted(np.concatenate([train, val]).tolist()) == list(range(total))
+    covered = 100 if name == "lfw" else total  # lfw: the faces of lfw_subset's 200 crops (the first 100)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(covered))
     perm = np.random.default_rng(0).permutation(total)
-    assert np.array_equal(val, perm[-len(val) :])  # the permutation's last items are val
+    last = perm[-n_val:]  # the permutation's last items are val (lfw: its faces)
+    assert np.array_equal(val, last[last < covered])
     np.testing.assert_array_equal(member_indices(name, "train"), train)
 
 
@@ -132,12 +134,12 @@ def test_union_items_dataset_indices_and_counts():
         union.dataset_index("mnist")
     # a reordered union numbers its members in its own order
     swapped = DatasetUnion(("lfw", "digits"), split="val")
-    assert swapped.counts == (15, 297) and swapped[0]["dataset"] == 0 and swapped[0]["label"] == -1
+    assert swapped.counts == (16, 297) and swapped[0]["dataset"] == 0 and swapped[0]["label"] == -1
     assert swapped.dataset_index("digits") == 1
     full = swapped.tensors()
-    assert full["images"].shape == (312, 1, 32, 32) and full["dataset"].tolist() == [0] * 15 + [1] * 297
-    torch.testing.assert_close(full["images"][15:], load_member("digits", "val")[0])
-    assert full["label"][15:].tolist() == load_member("digits", "val")[1].tolist()
+    assert full["images"].shape == (313, 1, 32, 32) and full["dataset"].tolist() == [0] * 16 + [1] * 297
+    torch.testing.assert_close(full["images"][16:], load_member("digits", "val")[0])
+    assert full["label"][16:].tolist() == load_member("digits", "val")[1].tolist()
     capped = swapped.tensors(max_per_member=4)
     assert capped["images"].shape[0] == 8 and capped["dataset"].tolist() == [0] * 4 + [1] * 4
 
@@ -147,8 +149,8 @@ def test_per_member_tiles_and_subsamples_exactly():
     assert union.counts == (400, 400) and len(union) == 800
     digits, lfw = union.index[union.index[:, 0] == 0, 1], union.index[union.index[:, 0] == 1, 1]
     assert len(np.unique(digits)) == 400 and digits.max() < 1500  # subsampled without repeats
-    assert sorted(np.unique(lfw).tolist()) == list(range(85))  # every face, tiled
-    assert set(np.bincount(lfw).tolist()) == {4, 5}  # 400 = 4 x 85 + 60
+    assert sorted(np.unique(lfw).tolist()) == list(range(84))  # every face, tiled
+    assert set(np.bincount(lfw).tolist()) == {4, 5}  # 400 = 4 x 84 + 64
     assert all(union[i]["dataset"] == 1 and union[i]["label"] == -1 for i in (400, 799))
     # deterministic with the seed, another seed draws other items
     np.testing.assert_array_equal(DatasetUnion(("digits", "lfw"), per_member=400).index, union.index)

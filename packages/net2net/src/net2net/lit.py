@@ -103,8 +103,8 @@ class Net2NetFlow(L.LightningModule):
         if width != flow.in_channels:
             raise ValueError(
                 f"latents of width {width} ({'x'.join(map(str, self.latent_shape))} from the first stage at "
-                f"image_size {image_size}), but the flow was built for in_channels={flow.in_channels}: set "
-                f"module.flow.in_channels={width}"
+                f"image_size {image_size}), but the flow was built for in_channels={flow.in_channels}: build it "
+                f"with in_channels={width} (on the command line: +module.flow.in_channels={width})"
             )
         cond_width = int(getattr(conditioner, "width", _conditioning_dim(flow)))
         if cond_width != _conditioning_dim(flow):

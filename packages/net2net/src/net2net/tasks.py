@@ -26,6 +26,21 @@ def _cfg(cfg: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
 
 
+def _count(cfg: DictConfig, key: str, default: int) -> int:
+    """``cfg[key]`` as an integer >= 1 (``default`` when unset); anything else is a ValueError naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _names(value: Any) -> list[Any]:
+    """A list option given as one bare value (``targets=lfw``) or a list (``targets=[lfw,digits]``)."""
+    return [value] if isinstance(value, (str, int)) else list(value)
+
+
 def load_model(cfg: Any, *, first_stage_ok: bool = False) -> Any:
     """The cINN of ``cfg.checkpoint`` on the config's device (eval mode); with ``first_stage_ok`` also the union
     autoencoder a cINN is trained over."""
@@ -145,7 +160,8 @@ def translate(cfg: Any) -> Path:
 
     Images: ``images=[a.png, ...]`` (your own, read as the model's channels and resized / centre-cropped to its size)
     with their dataset ``source=<name>``; else ``num_images`` held-out images of ``source`` (default: of every
-    dataset). ``alphas=[0, 0.25, ...]`` also writes the path from each input to its projection onto the first target
+    dataset). ``translate.png`` has one row per image: the input, its reconstruction, then its projection onto each
+    target. ``alphas=[0, 0.25, ...]`` also writes the path from each input to its projection onto the first target
     (``interpolation.png`` and ``interpolation.gif``; ``mode=latent`` blends latents as the official demo,
     ``mode=label`` blends the dataset labels)."""
     from gencore.viz import save_gif
@@ -156,8 +172,16 @@ def translate(cfg: Any) -> Path:
     names = module.dataset_names
     source = cfg.get("source")
     images = cfg.get("images")
-    n = int(cfg.get("num_images") or 8)
-    bs = int(cfg.get("batch_size", 64))
+    n = _count(cfg, "num_images", 8)
+    bs = _count(cfg, "batch_size", 64)
+    mode = str(cfg.get("mode", "latent"))
+    if mode not in ops.MODES:
+        raise ValueError(f"mode={mode!r} is not one of {', '.join(ops.MODES)}")
+    alphas = cfg.get("alphas")
+    if alphas is not None:
+        alphas = [float(a) for a in _names(alphas)]
+        if not alphas:
+            raise ValueError("alphas=[] is empty: give the path's points, e.g. alphas=[0,0.5,1], or leave it out")
     if images is not None:
         if isinstance(images, str):
             images = [images]
@@ -173,7 +197,7 @@ def translate(cfg: Any) -> Path:
         x = torch.cat(parts)
         src = torch.cat([module.labels_tensor(s, len(p)) for s, p in zip(sources, parts, strict=True)])
     targets = cfg.get("targets")
-    tgt = list(range(len(names))) if targets is None else [module.dataset_index(t) for t in targets]
+    tgt = list(range(len(names))) if targets is None else [module.dataset_index(t) for t in _names(targets)]
     if not tgt:
         raise ValueError("targets=[] is empty: name datasets to project onto, or leave targets out for all")
     rec, proj = _projection_rows(module, x, src, bs)
@@ -190,10 +214,7 @@ def translate(cfg: Any) -> Path:
         targets=np.asarray(tgt),
         names=np.asarray(names),
     )
-    alphas = cfg.get("alphas")
     if alphas is not None:
-        alphas = [float(a) for a in alphas]
-        mode = str(cfg.get("mode", "latent"))
         t = module.one_hot([tgt[0]])
         paths = []
         for i in range(0, x.shape[0], bs):
@@ -206,7 +227,7 @@ def translate(cfg: Any) -> Path:
         frames = torch.cat([path, path.flip(1)], dim=1)  # there and back
         save_gif(frames.permute(0, 2, 1, 3, 4)[:16], out_dir / "interpolation.gif", fps=6.0, scale=3)
     log.info(
-        "projected %d images onto %s -> %s (rows: input, reconstruction, projections)",
+        "projected %d image(s) onto %s -> %s (one row per image: input, reconstruction, each target)",
         x.shape[0],
         ", ".join(names[j] for j in tgt),
         out_dir,
@@ -262,8 +283,8 @@ def bias_report(cfg: Any) -> Path:
     cfg = _cfg(cfg)
     module = load_model(cfg)
     names = module.dataset_names
-    n = int(cfg.get("num_images") or 200)
-    bs = int(cfg.get("batch_size", 64))
+    n = _count(cfg, "num_images", 200)
+    bs = _count(cfg, "batch_size", 64)
     seed = int(cfg.get("seed", 0))
     split = str(cfg.get("split", "val"))
     real = {i: held_out(module, name, n, split, seed) for i, name in enumerate(names)}
@@ -274,7 +295,7 @@ def bias_report(cfg: Any) -> Path:
         for t in range(len(names)):
             projected[(s, t)] = proj[:, t]
         rows.append(torch.cat([x[:4, None], proj[:4]], dim=1))
-    clf = _classifier(module, int(cfg.get("classifier_images", 1000)), seed)
+    clf = _classifier(module, _count(cfg, "classifier_images", 1000), seed)
     report = bias_table(names, real, projected, classifier=clf)
     report["classifier_train_accuracy"] = clf.train_accuracy
     report["real_recognised"] = {names[i]: clf.accuracy(x, torch.full((len(x),), i)) for i, x in real.items()}
@@ -286,7 +307,8 @@ def bias_report(cfg: Any) -> Path:
         tmp.write_text(_report_markdown(report))
     plot_report(report, out_dir / "bias.png")
     _grid(torch.cat(rows), out_dir / "projection_grid.png")
-    log.info("bias report of %d images per dataset -> %s (report.md, bias.png, projection_grid.png)", n, out_dir)
+    counts = ", ".join(f"{names[i]} {len(x)}" for i, x in real.items())
+    log.info("bias report of held-out images (%s) -> %s (report.md, bias.png, projection_grid.png)", counts, out_dir)
     return out_dir
 
 
@@ -329,11 +351,11 @@ def evaluate(cfg: Any) -> dict[str, float]:
         return _evaluate_autoencoder(cfg, module)
     names = module.dataset_names
     k = len(names)
-    n_img = int(cfg.get("num_images") or 200)
-    n_samples = int(cfg.get("num_samples") or 60)
-    bs = int(cfg.get("batch_size", 64))
+    n_img = _count(cfg, "num_images", 200)
+    n_samples = _count(cfg, "num_samples", 60)
+    bs = _count(cfg, "batch_size", 64)
     seed = int(cfg.get("seed", 0))
-    clf = _classifier(module, int(cfg.get("classifier_images", 1000)), seed)
+    clf = _classifier(module, _count(cfg, "classifier_images", 1000), seed)
     metrics: dict[str, Any] = {"classifier/train_accuracy": clf.train_accuracy}
     grid_rows = []
     sample_rows = []
@@ -388,8 +410,8 @@ def _evaluate_autoencoder(cfg: DictConfig, module: Any) -> dict[str, float]:
     ae = module.model
     size = int(cfg.get("image_size") or getattr(ae.encoder, "resolution", 32))
     channels = int(ae.encoder.in_channels)
-    n = int(cfg.get("num_images") or 200)
-    bs = int(cfg.get("batch_size", 64))
+    n = _count(cfg, "num_images", 200)
+    bs = _count(cfg, "batch_size", 64)
     metrics: dict[str, Any] = {"num_images_per_dataset": n}
     rows = []
     for name in cfg.get("members") or MEMBERS:

@@ -412,7 +412,7 @@ class ConditionalFlatCouplingFlow(nn.Module):
         if conditioner_use_bn and conditioner_use_an:
             raise ValueError("conditioner_use_bn and conditioner_use_an cannot both be set")
         if conditioner_use_bn:
-            logger.info("the conditioning network uses batch normalization: train with a sufficiently large batch")
+            logger.debug("the conditioning network uses batch normalization: train with a sufficiently large batch")
         self.in_channels = in_channels
         self.conditioning_dim = conditioning_dim
         self.cond_channels = embedding_dim  # official attribute names
