@@ -271,12 +271,15 @@ class InvLeakyRelu(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------- coupling
-def _as_vectors(x: Tensor, what: str) -> Tensor:
-    """(B, C) or (B, C, 1, 1) -> (B, C)."""
+def _as_vectors(x: Tensor, what: str, hint: str = "give (B, C) vectors") -> Tensor:
+    """(B, C) or (B, C, 1, 1) -> (B, C); any other shape is a ValueError naming ``what`` (``hint``: how to fix a
+    spatial one)."""
     if x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1:
         return x.reshape(x.shape[0], x.shape[1])
+    if x.dim() == 4:
+        raise ValueError(f"{what} of shape {tuple(x.shape)} have spatial size {x.shape[2]}x{x.shape[3]}; {hint}")
     if x.dim() != 2:
-        raise ValueError(f"{what}: expected (B, C) or (B, C, 1, 1), got shape {tuple(x.shape)}")
+        raise ValueError(f"{what} of shape {tuple(x.shape)}: expected (B, C) or (B, C, 1, 1)")
     return x
 
 
@@ -441,18 +444,9 @@ class ConditionalFlatCouplingFlow(nn.Module):
     # -- conditioning
     def embed(self, cond: Tensor) -> tuple[Tensor, ...]:
         """The per-block conditionings for ``cond`` (B, conditioning_dim[, 1, 1]): ``n_flows`` tensors (B, E)."""
-        if cond.dim() == 4:
-            if cond.shape[2] != 1 or cond.shape[3] != 1:
-                raise ValueError(
-                    f"spatial conditionings are not supported: got shape {tuple(cond.shape)}, "
-                    f"expected (B, {self.conditioning_dim}) or (B, {self.conditioning_dim}, 1, 1)"
-                )
-            cond = cond.reshape(cond.shape[0], cond.shape[1])
-        if cond.dim() != 2:
-            raise ValueError(
-                f"conditioning of shape {tuple(cond.shape)}: expected (B, {self.conditioning_dim}) "
-                f"or (B, {self.conditioning_dim}, 1, 1)"
-            )
+        cond = _as_vectors(
+            cond, "conditionings", "spatial conditionings are not supported (the official flow has none)"
+        )
         if cond.shape[1] != self.conditioning_dim:
             raise ValueError(
                 f"conditioning of width {cond.shape[1]}, expected conditioning_dim={self.conditioning_dim}"
@@ -484,15 +478,8 @@ class ConditionalFlatCouplingFlow(nn.Module):
 
     def _check_latents(self, x: Tensor) -> Tensor:
         """(B, C) or (B, C, 1, 1) -> (B, C), with readable errors."""
-        if x.dim() == 4:
-            if x.shape[2] != 1 or x.shape[3] != 1:
-                raise ValueError(
-                    f"latents of shape {tuple(x.shape)} have spatial size {x.shape[2]}x{x.shape[3]}; the flow works on "
-                    f"vectors: flatten them first (x.flatten(1)) and build the flow for their width"
-                )
-            x = x.reshape(x.shape[0], x.shape[1])
-        elif x.dim() != 2:
-            raise ValueError(f"latents of shape {tuple(x.shape)}: expected (B, C) or (B, C, 1, 1)")
+        hint = "the flow works on vectors: flatten them first (x.flatten(1)) and build the flow for their width"
+        x = _as_vectors(x, "latents", hint)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"latents of width {x.shape[1]}, the flow was built for in_channels={self.in_channels}")
         return x
