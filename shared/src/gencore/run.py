@@ -29,7 +29,7 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -816,12 +816,12 @@ def sample_request(cfg: DictConfig, module: nn.Module) -> tuple[int, dict[str, A
     return (64 if n is None else int(n)), {k: v for k, v in kwargs.items() if v is not None}
 
 
-def check_sample_config(cfg: DictConfig) -> None:
-    """Before anything loads: the counts of a sample / eval config are positive integers, the checkpoint exists, the
-    device is there (:func:`gencore.validate.sample_config_errors`)."""
+def check_sample_config(cfg: DictConfig, counts: Sequence[str] = ()) -> None:
+    """Before anything loads: the counts of a sample / eval config (and the task's own ``counts``) are positive
+    integers, the checkpoint exists, the device is there (:func:`gencore.validate.sample_config_errors`)."""
     from gencore.validate import errors_message, sample_config_errors
 
-    errors = sample_config_errors(cfg)
+    errors = sample_config_errors(cfg, counts)
     if errors:
         raise ConfigError(errors_message(errors))
 

@@ -22,7 +22,7 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["ConfigError", "check_fits", "validate_config"]
@@ -255,14 +255,14 @@ def check_fits(module: Any, datamodule: Any) -> None:
         raise ConfigError("the data does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def sample_config_errors(cfg: Mapping[str, Any]) -> list[str]:
-    """What is wrong with a sample / eval config's counts (``num_samples``, ``batch_size``, ``grid_size``: integers
-    >= 1), its ``checkpoint`` (must exist) and ``device`` (``cuda`` needs one); torch is imported only to look for a
-    CUDA device, so console scripts answer these before loading anything."""
+def sample_config_errors(cfg: Mapping[str, Any], counts: Sequence[str] = ()) -> list[str]:
+    """What is wrong with a sample / eval config's counts (``num_samples``, ``batch_size``, ``grid_size`` and a
+    task's own ``counts``: integers >= 1 when set), its ``checkpoint`` (must exist) and ``device`` (``cuda`` needs
+    one); torch is imported only to look for a CUDA device, so console scripts answer these before loading anything."""
     from pathlib import PurePath
 
     errors = []
-    for key in ("num_samples", "batch_size", "grid_size"):
+    for key in ("num_samples", "batch_size", "grid_size", *counts):
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             errors.append(f"{key}: expected an integer >= 1, got {value!r}")

@@ -26,14 +26,13 @@ def _cfg(cfg: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
 
 
+COUNTS = ("num_images", "classifier_images")  # checked with gencore's sample counts before the model loads
+
+
 def _count(cfg: DictConfig, key: str, default: int) -> int:
-    """``cfg[key]`` as an integer >= 1 (``default`` when unset); anything else is a ValueError naming the key."""
+    """``cfg[key]`` (checked by :func:`load_model`: an integer >= 1), or ``default`` when unset."""
     value = cfg.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    return value
+    return default if value is None else int(value)
 
 
 def _names(value: Any) -> list[Any]:
@@ -47,7 +46,7 @@ def load_model(cfg: Any, *, first_stage_ok: bool = False) -> Any:
     from net2net.lit import Net2NetFlow
 
     cfg = _cfg(cfg)
-    run.check_sample_config(cfg)
+    run.check_sample_config(cfg, COUNTS)
     module = run.load_for_sampling(cfg, run.task_device(cfg))
     if first_stage_ok and hasattr(getattr(module, "model", None), "encoder"):
         return module
