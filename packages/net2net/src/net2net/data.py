@@ -521,6 +521,7 @@ class LatentUnionDataModule(DataModule):
         self.encode_device = encode_device
         self.latent_shape: tuple[int, ...] | None = None
         self.train_cache: LatentCacheDataset | None = None
+        self._caches_checked = False  # prepare_data built / checked the caches in this process
 
     @property
     def num_datasets(self) -> int:
@@ -594,11 +595,13 @@ class LatentUnionDataModule(DataModule):
 
     def prepare_data(self) -> None:
         self.build_caches()
+        self._caches_checked = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.build_caches()  # a no-op check of the fingerprints when prepare_data made them
+        if not self._caches_checked:  # (another DDP process, or setup called directly: check / build them here)
+            self.build_caches()
         train_union = self.union("train")
         train = LatentCacheDataset(self.cache_path("train"))
         val = LatentCacheDataset(self.cache_path("val"))
