@@ -29,6 +29,7 @@ IMAGEBART = ["experiment=tiny"]
 GEOFREE = ["experiment=tiny"]
 TSI = ["experiment=tiny"]
 NET2NET = ["experiment=cinn_union", "first_stage=pkg://ldm/checkpoints/autoencoder_fmnist", "datamodule.limit=16"]
+SHAPEBIAS = ["experiment=tiny"]
 LIMIT_VAL = "datamodule.limit_val=8"  # the image datamodules' validation cap
 TAMING, LDM, SD3 = [*TAMING, LIMIT_VAL], [*LDM, LIMIT_VAL], [*SD3, LIMIT_VAL]
 COMMON = ["datamodule.num_workers=0", "trainer.max_steps=2"]  # if one is not refused
@@ -105,6 +106,14 @@ CASES = [
     ("net2net", NET2NET, "module.flow.preset=huge", r"unknown .*preset 'huge'"),
     ("net2net", NET2NET, "first_stage=/nowhere", r"/nowhere"),
     ("net2net", NET2NET, "module.learning_rate=fast", r"module\.learning_rate: expected a number"),
+    ("shapebias", SHAPEBIAS, "module.net.preset=huge", r"module\.net: .*unknown preset 'huge'; presets: tiny, toy"),
+    ("shapebias", SHAPEBIAS, "module.num_classes=5", r"module: the network has 10 outputs but num_classes=5"),
+    ("shapebias", SHAPEBIAS, "datamodule.textures=[brick,plaid]", r"datamodule: .*'plaid'.*brick"),
+    ("shapebias", SHAPEBIAS, "datamodule.pairing=random", r"datamodule: .*pairing.*'random'"),
+    ("shapebias", SHAPEBIAS, "datamodule.image_size=8", r"datamodule: .*image_size.*8"),
+    ("shapebias", SHAPEBIAS, "datamodule.texture_consistency=1.5", r"datamodule: .*texture_consistency.*1\.5"),
+    ("shapebias", SHAPEBIAS, "module.lr=fast", r"module\.lr: expected a number, got 'fast'"),
+    ("shapebias", SHAPEBIAS, "module.snapshot_every_n_epochs=0", r"module: snapshot_every_n_epochs must be >= 1 .*got 0"),
 ]
 
 

@@ -27,6 +27,9 @@ SHIPPED_INPAINT_MARGIN = 1.0
 # share of held-out latents whose likeliest dataset under the cINN is their own (chance: 1/3)
 NET2NET_MIN_PSNR = {"fashion_mnist": 20.0, "digits": 26.0, "lfw": 21.0}
 NET2NET_MIN_PICKED = 0.7
+# the shipped shapebias CNN names the shape of held-out cue-conflict stimuli (chance: 0.1; MADE_BY.md: the
+# 1,600-stimulus figure), and its last stage holds more shape than texture dimensions
+SHAPEBIAS_MIN_ACCURACY = 0.5
 MIN_PSNR = {"vqgan_fmnist": 14.0, "vqgan_scenes": 15.0, "depth_vqgan_scenes": 24.0}  # brief VQGANs: 15.5, 17.0, 27.0 dB
 
 pytestmark = pytest.mark.skipif(
@@ -52,6 +55,7 @@ def test_packages_ship_checkpoints():
         "geofree",
         "twostream_inpaint",
         "net2net",
+        "shapebias",
     }
 
 
@@ -79,6 +83,24 @@ def check_net2net(module) -> None:
         out = module.generate(6, labels=[0, 1, 2, 0, 1, 2])
     assert torch.cat(picked).mean() > NET2NET_MIN_PICKED
     assert out["images"].shape == (6, 1, 32, 32) and torch.isfinite(out["images"]).all()
+
+
+def check_shapebias(module) -> None:
+    """The shape classifier reads held-out cue-conflict stimuli right far above chance, its answers do not follow
+    the texture, and the dimension estimate of its last stage finds more shape than texture."""
+    from shapebias.dims import collect_pair_features, dim_est
+    from shapebias.tasks import decisions, pair_loader
+
+    ds = module.stimuli("test")
+    picked = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:160].tolist()
+    scores = decisions(module, ds, picked, 80)
+    assert scores["accuracy"] > SHAPEBIAS_MIN_ACCURACY and scores["shape_bias"] > 0.8, scores
+    loader = pair_loader(ds, num_pairs=160, sampling="uniform", batch_size=80, seed=0)
+    feats = collect_pair_features(module.extractor(), loader, ["5"])
+    est = dim_est(feats.a["5"], feats.b["5"], feats.factors)
+    assert est["shape"] > est["texture"], est
+    out = module.generate(4)
+    assert out["images"].shape == (4, 3, ds.image_size, ds.image_size) and len(out["captions"]) == 4
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[pkg_path(f) for f in SHIPPED])
@@ -147,6 +169,8 @@ def test_shipped_checkpoint_loads_and_works(folder):
         assert ours > flat + SHIPPED_INPAINT_MARGIN, (ours, flat)
     elif folder.parents[1].name == "net2net":  # the union autoencoder, and the cINN over its latents
         check_net2net(module)
+    elif folder.parents[1].name == "shapebias":  # a shape classifier: its answers and its dimensions
+        check_shapebias(module)
     elif hasattr(module, "generate"):
         from gencore.metrics import class_accuracy
 
