@@ -52,7 +52,7 @@ from gencore.data._robust import RobustItems
 from gencore.data.datamodules import DataModule
 from gencore.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from gencore.data.fashion_mnist import load_fashion_mnist
-from gencore.data.images import load_image, to_model_range
+from gencore.data.images import image_readable, load_image, to_model_range
 from gencore.io import atomic_path
 from gencore.progress import Progress
 
@@ -640,15 +640,7 @@ class StylizedFolder(RobustItems, Dataset):
         return folder
 
     def _readable(self, path: Path) -> bool:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            return True
-        except (OSError, ValueError, SyntaxError) as err:
-            self.skip_log.skip(str(path), f"{type(err).__name__}: {err}")
-            return False
+        return image_readable(path, self.skip_log)
 
     def _num_items(self) -> int:
         return len(self.paths)

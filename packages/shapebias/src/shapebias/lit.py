@@ -22,10 +22,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencore import io
+from gencore.metrics.fmnist_net import FMNISTClassifierModule
 
 __all__ = ["EpochSnapshots", "ShapeClassifier", "list_snapshots", "snapshot_path"]
 
@@ -128,9 +128,11 @@ def _steps_per_epoch(trainer: L.Trainer) -> int:
     return max(1, math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)))
 
 
-class ShapeClassifier(L.LightningModule):
+class ShapeClassifier(FMNISTClassifierModule):
     """A network (:class:`shapebias.models.cnn.SmallResNet`, or any torchvision-style classifier) trained with
-    cross-entropy on the shape class of cue-conflict images; SGD with momentum, linear warm-up then cosine decay.
+    cross-entropy on the shape class of cue-conflict images (the training and validation steps of gencore's image
+    classifier module); SGD with Nesterov momentum, linear warm-up then cosine decay; flips and translations of up to
+    1/16 of the side, the border filled with the stimuli's grey.
 
     Args:
         net: the classifier; its stages (``stages``: stage name -> module path, default the ResNet map of the paper's
@@ -159,7 +161,9 @@ class ShapeClassifier(L.LightningModule):
         snapshot_every_n_epochs: int | None = 1,
         snapshot_steps: Sequence[int] = (),
     ) -> None:
-        super().__init__()
+        super().__init__(
+            net, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, max_steps=max_steps, augment=augment
+        )
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         for name, value in (("lr", lr), ("max_steps", max_steps)):
@@ -176,11 +180,7 @@ class ShapeClassifier(L.LightningModule):
         out = _output_width(net)
         if out is not None and out != num_classes:
             raise ValueError(f"the network has {out} outputs but num_classes={num_classes}")
-        self.net = net
-        self.num_classes = num_classes
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.warmup_steps, self.max_steps, self.label_smoothing = warmup_steps, max_steps, label_smoothing
-        self.augment = augment
+        self.num_classes, self.momentum, self.warmup_steps = num_classes, momentum, warmup_steps
         from shapebias.encoders import STAGE_MAPS
 
         self.stages = dict(stages) if stages is not None else dict(STAGE_MAPS["resnet"])
@@ -193,33 +193,11 @@ class ShapeClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ training
 
+    augment_shift = None  # 1/16 of the side
+    augment_fill = 0.0  # the stimuli's grey
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-    def _augment(self, x: Tensor) -> Tensor:
-        """Random horizontal flips and translations of up to 1/16 of the side (per batch), filled with grey."""
-        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
-        x = torch.where(flip, x.flip(-1), x)
-        pad = max(1, x.shape[-1] // 16)
-        padded = F.pad(x, (pad, pad, pad, pad), value=0.0)
-        dx, dy = torch.randint(0, 2 * pad + 1, (2,)).tolist()  # (CPU generator: no device sync)
-        return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
-
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch["image"], batch["label"]
-        if self.augment:
-            x = self._augment(x)
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == y).float().mean())
-        return loss
-
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        logits = self.net(batch["image"])
-        y = batch["label"]
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def _lr_lambda(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -280,10 +258,6 @@ class ShapeClassifier(L.LightningModule):
             for it, p in zip(items, pred.tolist(), strict=True)
         ]
         return {"images": x.cpu(), "labels": pred, "captions": captions}
-
-    @torch.no_grad()
-    def log_images(self, batch: Mapping[str, Tensor], n: int = 16) -> dict[str, Tensor]:
-        return {"inputs": batch["image"][:n]}
 
 
 def _output_width(net: nn.Module) -> int | None:

@@ -173,23 +173,28 @@ def _write_dims(estimates: Mapping[str, Any], out: Path, title: str) -> dict[str
     return result
 
 
-def dims(cfg: Any) -> dict[str, Any]:
-    """``shapebias-dims``: shape / texture / residual dimensions of every requested stage -> dims.json, dims.csv
-    (the official two rows per stage: neurons, %), dims.png."""
-    cfg = _cfg(cfg)
-    _positive(cfg, "num_pairs", "batch_size")
-    device = run.task_device(cfg)
+def _network_and_pairs(cfg: DictConfig, device: torch.device) -> tuple[Network, list[str], DataLoader]:
+    """The network of a dims / dynamics config, its requested stages, and the loader of its factor pairs."""
     net = load_network(cfg, device)
     stages = _stages(net, cfg.get("stages"))
-    ds = stimuli(cfg.get("pairs") or {}, net.data)
     loader = pair_loader(
-        ds,
+        stimuli(cfg.get("pairs") or {}, net.data),
         num_pairs=cfg.get("num_pairs"),
         sampling=str(cfg.get("pair_sampling", "uniform")),
         batch_size=int(cfg.get("batch_size", 32)),
         seed=int(cfg.get("seed", 0)),
         num_workers=int(cfg.get("num_workers", 0)),
     )
+    return net, stages, loader
+
+
+def dims(cfg: Any) -> dict[str, Any]:
+    """``shapebias-dims``: shape / texture / residual dimensions of every requested stage -> dims.json, dims.csv
+    (the official two rows per stage: neurons, %), dims.png."""
+    cfg = _cfg(cfg)
+    _positive(cfg, "num_pairs", "batch_size")
+    device = run.task_device(cfg)
+    net, stages, loader = _network_and_pairs(cfg, device)
     estimates = _estimate(net, loader, stages, device, f"features of {len(loader.dataset)} pairs")
     out = Path(str(cfg.out_dir))
     result = _write_dims(estimates, out, f"{net.name}: dimensions per stage")
@@ -217,16 +222,7 @@ def dynamics(cfg: Any) -> dict[str, Any]:
             "snapshots are on by default: module.snapshot_every_n_epochs) and pass the run folder"
         )
     device = run.task_device(cfg)
-    net = load_network(cfg, device)
-    stages = _stages(net, cfg.get("stages"))
-    ds = stimuli(cfg.get("pairs") or {}, net.data)
-    loader = pair_loader(
-        ds,
-        num_pairs=cfg.get("num_pairs"),
-        sampling=str(cfg.get("pair_sampling", "uniform")),
-        batch_size=int(cfg.get("batch_size", 32)),
-        seed=int(cfg.get("seed", 0)),
-    )
+    net, stages, loader = _network_and_pairs(cfg, device)
     per_epoch: dict[float, dict[str, Any]] = {}
     for epoch, path in snaps:
         state, source = io.read_state_dict(path)

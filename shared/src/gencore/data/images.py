@@ -147,6 +147,24 @@ def resize_center_crop(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tens
     return y.reshape(*lead, *y.shape[-3:]).contiguous()
 
 
+def image_readable(path: str | os.PathLike, skip_log: Any, *, load: Any = None) -> bool:
+    """Whether ``path`` reads as an image: ``load(path)`` succeeds when given (a full decode), else PIL's header
+    check passes; a file that does not is recorded in ``skip_log`` (a :class:`gencore.data._robust.SkipLog`) with
+    the reason, for datasets that skip unreadable files and count them."""
+    from PIL import Image
+
+    try:
+        if load is not None:
+            load(path)
+        else:
+            with Image.open(path) as im:
+                im.verify()
+        return True
+    except (OSError, ValueError, SyntaxError) as err:
+        skip_log.skip(str(path), f"{type(err).__name__}: {err}")
+        return False
+
+
 class ImageFolder(RobustItems, Dataset):
     """All images below ``root`` (recursively), resized + centre-cropped to ``size``.
 
@@ -205,18 +223,7 @@ class ImageFolder(RobustItems, Dataset):
         self._class_index = {c: i for i, c in enumerate(self.classes)}
 
     def _readable(self, path: Path, full: bool) -> bool:
-        from PIL import Image
-
-        try:
-            if full:
-                load_image(path, self.channels)
-            else:
-                with Image.open(path) as im:
-                    im.verify()
-            return True
-        except (OSError, ValueError, SyntaxError) as err:
-            self.skip_log.skip(str(path), f"{type(err).__name__}: {err}")
-            return False
+        return image_readable(path, self.skip_log, load=(lambda p: load_image(p, self.channels)) if full else None)
 
     def _num_items(self) -> int:
         return len(self.paths)

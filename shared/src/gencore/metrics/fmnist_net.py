@@ -152,7 +152,9 @@ class FMNISTPerceptual(FrozenModule):
 
 
 class FMNISTClassifierModule(L.LightningModule):
-    """Trains :class:`FMNISTFeatureNet` with cross-entropy (label smoothing), AdamW and a one-cycle schedule."""
+    """Trains :class:`FMNISTFeatureNet` with cross-entropy (label smoothing), AdamW and a one-cycle schedule. Its
+    steps serve any image classifier over ``{"image", "label"}`` batches (shapebias's shape classifier subclasses it
+    with its own optimizer)."""
 
     def __init__(
         self,
@@ -168,11 +170,17 @@ class FMNISTClassifierModule(L.LightningModule):
         self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
         self.max_steps, self.augment = max_steps, augment
 
+    #: training augmentation: random horizontal flips and translations of up to ``augment_shift`` pixels (None: 1/16
+    #: of the image side), the vacated border filled with ``augment_fill`` (a subclass for other images sets them)
+    augment_shift: int | None = 2
+    augment_fill: float = -1.0
+
     def _augment(self, x: Tensor) -> Tensor:
         flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
         x = torch.where(flip, x.flip(-1), x)
-        pad = F.pad(x, (2, 2, 2, 2), value=-1.0)  # random translations of up to 2 px
-        dx, dy = torch.randint(0, 5, (2,)).tolist()
+        shift = self.augment_shift if self.augment_shift is not None else max(1, x.shape[-1] // 16)
+        pad = F.pad(x, (shift, shift, shift, shift), value=self.augment_fill)
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,)).tolist()  # (CPU generator: no device sync)
         return pad[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
