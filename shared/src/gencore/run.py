@@ -370,7 +370,9 @@ class _NoAdverts(logging.Filter):
         return not str(record.getMessage()).startswith(self.SILENT)
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
+    """Lightning's console lines said once (under Hydra's logging) and without its adverts: for `train` and for
+    a task that runs its own short Trainer fits (shapebias's readouts)."""
     # a configured root (Hydra's job logging): Lightning's own console handlers would print every line twice
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -470,7 +472,7 @@ def train(cfg: Any) -> TrainResult:
     cfg = _cfg(cfg)
     _require(cfg, "module", "datamodule", "run_dir", where="gencore.run.train")
     validate_config(cfg)
-    _quiet_lightning()
+    quiet_lightning()
     L.seed_everything(int(cfg.get("seed", 0)), workers=True)
     run_dir = _ddp_child_run_dir(Path(str(cfg.run_dir)).expanduser().resolve())
     ckpt_dir = run_dir / CKPT_DIR

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,7 @@ def readout(cfg: Any) -> dict[str, Any]:
     for t in tasks:
         if t not in ("binary", "semantic"):
             raise ValueError(f"tasks: unknown readout task {t!r}; known: binary, semantic")
+    run.quiet_lightning()
     device = run.task_device(cfg)
     net = load_network(cfg, device)
     stages = _stages(net, cfg.get("stages"))
@@ -354,7 +356,10 @@ def readout(cfg: Any) -> dict[str, Any]:
                 generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))),
                 num_workers=int(cfg.get("num_workers", 0)),
             )
-            trainer.fit(module, train_dataloaders=loader)
+            with warnings.catch_warnings():
+                for message in run.EXPECTED_LIGHTNING_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message)
+                trainer.fit(module, train_dataloaders=loader)
             scores = module.to(device).evaluate_miou(DataLoader(val_set, batch_size=bs, shuffle=False))
             results[task][stage] = scores
             done += 1
