@@ -282,3 +282,29 @@ def test_console_script_end_to_end(tmp_path):
     assert (tmp_path / ".hydra" / "config.yaml").is_file()  # hydra writes into the same run folder
     module = io.load(tmp_path / "export")
     assert type(module).__name__ == "FMNISTClassifierModule"
+
+
+def test_compile_callback_compiles_the_trainable_networks_in_place():
+    """callbacks=compile: the trainable children are compiled in place (backend eager here: no code generation on
+    the CI machine), the state dict keeps its keys, training runs as without it; a wrong name is a clear error."""
+    import lightning as L
+
+    from gencore.callbacks import Compile
+    from gencore.testing import TinyAutoencoderModule
+
+    node = OmegaConf.load(CORE_CONFIGS / "callbacks" / "compile.yaml").compile
+    assert isinstance(instantiate(node), Compile)
+    module = TinyAutoencoderModule()
+    keys = list(module.state_dict())
+    cb = Compile(backend="eager")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[cb], limit_val_batches=0,
+    )  # fmt: skip
+    data = torch.utils.data.DataLoader([{"image": torch.randn(1, 16, 16)} for _ in range(8)], batch_size=4)
+    trainer.fit(module, train_dataloaders=data)
+    assert cb.compiled and all(getattr(module, n)._compiled_call_impl is not None for n in cb.compiled)
+    assert list(module.state_dict()) == keys  # in place: no _orig_mod. prefix
+    assert trainer.global_step == 2
+    with pytest.raises(ValueError, match="has no submodule 'nope'"):
+        Compile(modules=["nope"]).setup(trainer, module, "fit")

@@ -1,4 +1,5 @@
-"""Lightning callbacks shared by the packages: EMA of the weights, and image / video grids written to the run folder."""
+"""Lightning callbacks shared by the packages: EMA of the weights, image / video grids written to the run folder, and
+``torch.compile`` of a recipe's networks (``callbacks=compile``)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,67 @@ from gencore.viz import save_grid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "ImageGridLogger"]
+__all__ = ["EMA", "Compile", "ImageGridLogger"]
 
 
-def _target(pl_module: nn.Module, attr: str | None) -> nn.Module:
+def _target(pl_module: nn.Module, attr: str | None, who: str = "EMA") -> nn.Module:
     if not attr:
         return pl_module
     mod: Any = pl_module
     for part in attr.split("."):
         if not hasattr(mod, part):
-            raise ValueError(f"EMA: {type(pl_module).__name__} has no submodule {attr!r}")
+            raise ValueError(f"{who}: {type(pl_module).__name__} has no submodule {attr!r}")
         mod = getattr(mod, part)
     if not isinstance(mod, nn.Module):
-        raise ValueError(f"EMA: {attr!r} is a {type(mod).__name__}, not an nn.Module")
+        raise ValueError(f"{who}: {attr!r} is a {type(mod).__name__}, not an nn.Module")
     return mod
+
+
+class Compile(L.Callback):
+    """``torch.compile`` the recipe's trainable networks in place before training (``nn.Module.compile``: the state
+    dict keeps its keys, so checkpoints, exports and resuming are unchanged).
+
+    Args:
+        modules: submodule names to compile (dotted); None: every direct child of the LightningModule that has
+            trainable parameters (the denoiser, the transformer, ...; frozen first stages and text encoders stay
+            eager).
+        mode / fullgraph / dynamic / backend: passed to ``torch.compile`` (``backend="eager"`` checks the plumbing
+            without code generation).
+    """
+
+    def __init__(
+        self,
+        modules: list[str] | None = None,
+        mode: str | None = "default",
+        fullgraph: bool = False,
+        dynamic: bool | None = None,
+        backend: str = "inductor",
+    ) -> None:
+        self.modules, self.mode, self.fullgraph, self.dynamic, self.backend = modules, mode, fullgraph, dynamic, backend
+        self.compiled: list[str] = []
+
+    def _names(self, pl_module: nn.Module) -> list[str]:
+        if self.modules is not None:
+            return [str(m) for m in self.modules]
+        return [
+            name
+            for name, child in pl_module.named_children()
+            if any(p.requires_grad for p in child.parameters()) and not getattr(child, "_genlab_frozen", False)
+        ]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.compiled:
+            return
+        names = self._names(pl_module)
+        if not names:
+            raise ValueError(f"Compile: {type(pl_module).__name__} has no trainable submodule to compile")
+        kwargs: dict[str, Any] = {"fullgraph": self.fullgraph, "dynamic": self.dynamic, "backend": self.backend}
+        if self.backend == "inductor":
+            kwargs["mode"] = self.mode
+        for name in names:
+            _target(pl_module, name, "Compile").compile(**kwargs)
+        self.compiled = names
+        log.info("torch.compile (%s, backend %s): %s", self.mode, self.backend, ", ".join(names))
 
 
 class EMA(L.Callback):
