@@ -51,6 +51,26 @@ def test_gpu_bench_script_runs_on_the_cpu():
     assert "FLOPs counted" in proc.stdout
 
 
+@needs_fmnist
+@pytest.mark.parametrize(
+    ("package", "first_stage"),
+    [("ldm", "pkg://ldm/checkpoints/autoencoder_fmnist"), ("sd3_flow", "pkg://ldm/checkpoints/autoencoder_fmnist_c16")],
+)
+def test_bf16_mixed_training_through_a_frozen_vae_on_the_cpu(package, first_stage, tmp_path):
+    """The latent recipes' default runs with ``trainer.precision=bf16-mixed`` (CPU autocast): the denoiser in bf16,
+    the frozen VAE in its own fp32 (gencore.modules.own_precision), a finite loss, an export."""
+    from gencore import run
+    from gencore.cli import compose
+
+    configs = __import__(f"{package}.cli", fromlist=["CONFIGS"]).CONFIGS
+    overrides = ["debug=fast", "trainer.precision=bf16-mixed", f"first_stage={first_stage}", f"run_dir={tmp_path}"]
+    result = run.train(compose(configs, "train", [*overrides, "trainer.max_steps=2", "datamodule.num_workers=0"]))
+    assert result.trainer.precision == "bf16-mixed" and result.trainer.global_step == 2
+    losses = [v for k, v in result.metrics.items() if "loss" in k]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses), result.metrics
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
 @pytest.mark.gpu
 @needs_cuda
 @needs_fmnist

@@ -222,3 +222,36 @@ def test_latent_cache_stores_what_encode_returns_and_named_keys(tmp_path):
     assert (out / "index.json").stat().st_mtime_ns != mtime
     with pytest.raises(ValueError, match="without 'latents'"):
         build_latent_cache(codec, data, tmp_path / "d", encode=lambda x: {"mean": x})
+
+
+def test_codecs_keep_their_own_precision_inside_bf16_autocast():
+    """A frozen VAE runs in fp32 inside a bf16-mixed step (gencore.modules.own_precision): the same latents and
+    pixels as outside autocast, in float32, while the caller's layers around it still run in bf16."""
+    from gencore.latents import FrozenCodec
+
+    class ConvCodec(FrozenCodec):
+        def __init__(self) -> None:
+            super().__init__(in_channels=3, latent_channels=4, downsample_factor=2, scale=0.5)
+            self.enc = torch.nn.Conv2d(3, 4, 2, stride=2)
+            self.dec = torch.nn.ConvTranspose2d(4, 3, 2, stride=2)
+            self.freeze()
+
+        def _encode(self, x):
+            return self.enc(x)
+
+        def _decode(self, z):
+            return self.dec(z)
+
+    torch.manual_seed(0)
+    codec, layer = ConvCodec(), torch.nn.Conv2d(4, 4, 1)
+    x = torch.randn(2, 3, 8, 8)
+    z_ref, x_ref = codec.encode(x), codec.decode(codec.encode(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = codec.encode(x)
+        around = layer(z)
+        rec = codec.decode(z.bfloat16())  # a bf16 denoiser's output
+    assert z.dtype == torch.float32 and torch.equal(z, z_ref)
+    assert around.dtype == torch.bfloat16  # autocast still on for the caller's layers
+    assert rec.dtype == torch.float32 and (rec - x_ref).abs().max() < 0.05  # (z was rounded to bf16 on the way)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(codec.decode(z), x_ref)

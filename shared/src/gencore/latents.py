@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from gencore.modules import FrozenModule
+from gencore.modules import FrozenModule, own_precision
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class FrozenCodec(FrozenModule):
                 f"{type(self).__name__}: image size {h}x{w} is not divisible by the downsampling factor {f}"
             )
 
+    @own_precision
     def encode(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{type(self).__name__}.encode: x must be (B, C, H, W), got {getattr(x, 'shape', x)}")
@@ -112,6 +113,7 @@ class FrozenCodec(FrozenModule):
         self._check_size(x.shape[2], x.shape[3])
         return (self._encode(x) - self.shift) * self.scale
 
+    @own_precision
     def decode(self, z: Tensor) -> Tensor:
         if not isinstance(z, Tensor) or z.dim() != 4:
             raise ValueError(f"{type(self).__name__}.decode: z must be (B, C, h, w), got {getattr(z, 'shape', z)}")

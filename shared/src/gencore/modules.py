@@ -4,12 +4,16 @@ nearest-neighbour ×2 upsampling, and input checks that never wait on an acceler
 A frozen submodule (a VAE codec, a text encoder, a feature network) has ``requires_grad=False`` on every
 parameter, stays in eval mode whatever ``.train()`` says, and is marked ``_genlab_frozen`` so that
 ``gencore.io.export`` leaves its weights out of the released trainable state (the config rebuilds it).
+:func:`own_precision` keeps a frozen VAE's or text encoder's computation in its own precision (fp32) inside a bf16
+autocast training step or sampler.
 """
 
 from __future__ import annotations
 
+import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,7 @@ __all__ = [
     "check_index_range",
     "freeze",
     "on_accelerator",
+    "own_precision",
     "trainable_parameters",
     "upsample_nearest_2x",
 ]
@@ -37,6 +42,29 @@ class FrozenModule(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenModule:
         return super().train(False)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def own_precision(method: _F) -> _F:
+    """Decorate a frozen module's method (``encode`` / ``decode`` / ``forward``) so that it runs outside any autocast
+    region, on floating tensor inputs cast to the module's own parameter dtype (fp32 unless the module was cast): a
+    VAE or a text encoder keeps its precision inside a bf16-mixed training step or sampler, and returns its own dtype
+    (the caller's autocast region resumes after it)."""
+
+    @functools.wraps(method)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        device = param.device.type if param is not None else "cpu"
+        if param is not None:
+            args = tuple(a.to(param.dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        if not torch.is_autocast_enabled(device):
+            return method(self, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:

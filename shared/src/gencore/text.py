@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from gencore.io import MissingWeightsError, model_folder
-from gencore.modules import FrozenModule
+from gencore.modules import FrozenModule, own_precision
 
 __all__ = ["FrozenTextEncoder", "PrecomputedTextEncoder", "minilm_path", "save_text_features", "text_encoder"]
 
@@ -150,6 +150,7 @@ class FrozenTextEncoder(FrozenModule):
         }
 
     @torch.no_grad()
+    @own_precision
     def forward(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """``{"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, D)}``.
 
