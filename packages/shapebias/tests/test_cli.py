@@ -173,8 +173,9 @@ def test_eval(results):
 
 
 def _dims(folder: Path, widths: dict[str, int]) -> dict:
-    result = json.loads((folder / "dims.json").read_text())
-    assert list(result) == list(widths)
+    about = json.loads((folder / "dims.json").read_text())
+    result = about["stages"]
+    assert list(result) == list(widths) and about["pairs"] == sum(next(iter(result.values()))["pairs"].values())
     for stage, width in widths.items():
         r = result[stage]
         assert r["dim"] == width and sum(r["dims"].values()) == width  # shape + texture + residual = the width
@@ -187,24 +188,26 @@ def _dims(folder: Path, widths: dict[str, int]) -> dict:
         assert [int(v) for v in neurons[1:]] == [result[stage]["dims"][f] for f in FACTORS]
         assert [float(v) for v in percent[1:]] == [result[stage]["percent"][f] for f in FACTORS]
     assert is_png(folder / "dims.png")
-    return result
+    return about
 
 
 def test_dims_of_the_trained_run(results):
     ok(results["dims"])
-    result = _dims(results["out"] / "dims", WIDTHS)
-    assert all(sum(r["pairs"].values()) == 64 for r in result.values())  # num_pairs=64
+    about = _dims(results["out"] / "dims", WIDTHS)
+    assert about["pairs"] == 64 and not about["random_init"] and about["source"] == "cue_conflict"
 
 
 def test_dims_of_a_random_small_resnet_by_name(results):
     ok(results["dims_small_resnet"])
-    _dims(results["out"] / "dims_small_resnet", {"1": 16, "2": 16, "3": 32, "4": 64, "5": 128})  # the toy preset
+    about = _dims(results["out"] / "dims_small_resnet", {"1": 16, "2": 16, "3": 32, "4": 64, "5": 128})  # toy preset
+    assert about["random_init"] and about["network"] == "small_resnet"
 
 
 def test_dims_of_resnet18_with_a_local_weights_file(results):
     printed = ok(results["dims_resnet18"])
-    result = _dims(results["out"] / "dims_resnet18", {"1": 64, "5": 512})
-    assert all(sum(r["pairs"].values()) == 16 for r in result.values())
+    about = _dims(results["out"] / "dims_resnet18", {"1": 64, "5": 512})
+    assert about["pairs"] == 16 and not about["random_init"] and about["weights"].endswith("resnet18.pth")
+    assert about["image_size"] == 64 and about["preprocess"] == "imagenet"
     assert "resnet18" in printed
 
 
@@ -212,12 +215,13 @@ def test_dynamics_estimates_every_snapshot(results):
     out = results["out"] / "dynamics"
     ok(results["dynamics"])
     result = json.loads((out / "dynamics.json").read_text())
-    # init, step 3 (the tiny experiment's snapshot_steps: 0.3 of an epoch), then each completed epoch
-    assert result["epochs"] == [0, 0.3, 1, 2, 3] and result["stages"] == ["1", "5"]
-    assert sorted(result["per_epoch"], key=float) == ["0", "0.3", "1", "2", "3"]
+    # init, step 3 (the tiny experiment's snapshot_steps: 0.3 of an epoch), each completed epoch, and where each
+    # of the two fits ended mid-epoch (steps 25 and 35: the trained weights)
+    assert result["epochs"] == [0, 0.3, 1, 2, 2.5, 3, 3.5] and result["stages"] == ["1", "5"]
+    assert sorted(result["per_epoch"], key=float) == ["0", "0.3", "1", "2", "2.5", "3", "3.5"]
     for stage in ("1", "5"):
         reached = result["shape_gain_reached"][stage]
-        assert len(reached["fraction"]) == 5 and reached["fraction"][-1] in (None, 1.0)
+        assert len(reached["fraction"]) == 7 and reached["fraction"][-1] in (None, 1.0)
     for per_stage in result["per_epoch"].values():
         assert list(per_stage) == ["1", "5"]
         assert [per_stage[s]["dim"] for s in ("1", "5")] == [WIDTHS["1"], WIDTHS["5"]]
@@ -259,8 +263,8 @@ def test_data_writes_the_official_naming_and_dims_reads_it_back(results):
     assert len(back) == 32 and back.num_textures == 8 and back.num_classes == 10
     # the folder as pairs: one pass, every written image as example 1
     ok(results["dims_folder"])
-    result = _dims(results["out"] / "dims_folder", WIDTHS)
-    assert all(sum(r["pairs"].values()) == 32 for r in result.values())
+    about = _dims(results["out"] / "dims_folder", WIDTHS)
+    assert about["pairs"] == 32 and about["source"] == str(folder)
 
 
 # ---------------------------------------------------------------------------------------------------- user errors
@@ -288,6 +292,8 @@ ERRORS = {
         "method=adain needs adain.vgg=<vgg_normalised.pth> adain.decoder=<decoder.pth>",
     ),
     "unknown_method": (["shapebias-data", "method=foo", "num_contents=2"], "unknown method 'foo'"),
+    "folder_not_given": (["shapebias-dims", "checkpoint={run}", "pairs=folder"], "pairs.folder: required with pairs="),
+    "foreign_checkpoint": (["shapebias-dims", "checkpoint=pkg://net2net/checkpoints/cinn_union"], "Net2NetFlow"),
     "missing_folder": (
         ["shapebias-dims", "checkpoint={run}", "pairs=folder", "pairs.folder={cwd}/nofolder"],
         "nofolder is not a folder",

@@ -372,3 +372,9 @@ def test_datamodule_batches_and_interpolated_limit():
             CueConflictDataModule(textures=SK, **bad)
     with pytest.raises(ValueError, match="val_contents"):
         CueConflictDataModule(textures=SK, val_contents=1)
+
+
+def test_one_texture_name_given_bare_is_a_list_of_one():
+    # textures=brick on the command line: not the letters b, r, i, c, k
+    with pytest.raises(ValueError, match=r"at least 2|two|>= 2"):
+        small(textures="brick")

@@ -382,3 +382,13 @@ def test_restricted_stages_and_names():
     names = encoder_names()
     assert {"resnet50", "vgg16", "densenet121", "mobilenet_v2", "googlenet", "inception_v3", "vit_b_16"} <= set(names)
     assert "small_resnet:tiny" in names and "alexnet" not in names
+
+
+def test_a_vit_without_image_size_resizes_to_its_fixed_input():
+    pytest.importorskip("timm")
+    from shapebias.encoders import fixed_input_size
+
+    enc = build_encoder("vit_tiny_patch16_224", stages="final")
+    assert fixed_input_size(enc.model) == (224, 224) and enc.preprocess.size == (224, 224)
+    assert enc(_images(2, 64))["final"].shape == (2, 192)  # 64 px stimuli, resized for the position table
+    assert fixed_input_size(build_encoder("resnet18").model) is None  # CNNs take any size

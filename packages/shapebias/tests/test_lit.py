@@ -195,7 +195,9 @@ def test_training_lowers_the_loss_on_real_cue_conflict_images(trained):
 def test_epoch_snapshots_are_the_initialisation_and_each_completed_epoch(trained):
     root, module = trained["first_copy"], trained["module"]
     files = trained["files_after_first"]
-    assert sorted(files) == [0, 0.3, 0.5, 1, 2]  # steps 3 and 5 of 10 per epoch; the third epoch, cut short, is not
+    # steps 3 and 5 of 10 per epoch, epochs 1 and 2; the third epoch, cut short by max_steps=25, is not an epoch
+    # file but its end is the step-25 snapshot (the trained weights)
+    assert sorted(files) == [0, 0.3, 0.5, 1, 2, 2.5]
     with safe_open(str(snapshot_path(root, step=3)), "pt") as f:
         assert f.metadata() == {"epoch": "0.3", "global_step": "3"}
     init = load_file(str(snapshot_path(root, 0)))

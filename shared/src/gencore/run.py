@@ -780,11 +780,12 @@ def check_module_package(module: nn.Module, checkpoint: Any) -> None:
     if package is None or package == theirs or package == "gencore" or not generates(module):
         return  # (a first stage of another package: the "first stage, not a generative model" error says more)
     script = Path(sys.argv[0]).name
-    other = _sibling_script(script.rsplit("-", 1)[-1], module)
+    verb = script.rsplit("-", 1)[-1]
+    other = _sibling_script(verb, module)
     name = type(module).__name__
+    hint = f"use {other} for it" if not other.startswith("<") else f"{theirs} has no -{verb} command"
     raise ValueError(
-        f"{checkpoint} holds {_article(name)} {name} ({theirs}), not {_article(package)} {package} model: use {other} "
-        "for it"
+        f"{checkpoint} holds {_article(name)} {name} ({theirs}), not {_article(package)} {package} model: {hint}"
     )
 
 

@@ -205,7 +205,9 @@ def _texture_at(name: str, short_side: int) -> np.ndarray:
     return out
 
 
-def _check_textures(textures: Sequence[str] | None, owner: str) -> list[str]:
+def _check_textures(textures: Sequence[str] | str | None, owner: str) -> list[str]:
+    if isinstance(textures, str):  # one name given bare (textures=brick): a list of one, not its letters
+        textures = [textures]
     names = list(DEFAULT_TEXTURES if textures is None else textures)
     for n in names:
         if n not in TEXTURES:
@@ -807,6 +809,8 @@ class CueConflictDataModule(DataModule):
         pairs: str | None = None,
         **loader_kwargs: Any,
     ) -> None:
+        if isinstance(textures, str):
+            textures = [textures]
         textures = None if textures is None else [str(t) for t in textures]
         object_scale = tuple(float(v) for v in object_scale)
         _, _, limit = _check_cue_args(

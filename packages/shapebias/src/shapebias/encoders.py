@@ -652,6 +652,19 @@ def _build_model(name: str, num_classes: int | None, has_weights: bool, kwargs: 
     return tvm.get_model(name, weights=None, **kwargs)
 
 
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a model only accepts (timm / torchvision ViTs: their patch grid and position table), else
+    None (CNNs take any size)."""
+    size = getattr(model, "image_size", None)  # torchvision VisionTransformer
+    if isinstance(size, int) and hasattr(model, "conv_proj"):
+        return (size, size)
+    embed = getattr(model, "patch_embed", None)  # timm
+    img = getattr(embed, "img_size", None)
+    if img is not None and not getattr(embed, "dynamic_img_size", False) and getattr(embed, "strict_img_size", True):
+        return (int(img[0]), int(img[1]))
+    return None
+
+
 def build_encoder(
     name: str,
     *,
@@ -679,6 +692,12 @@ def build_encoder(
     model = _build_model(name, num_classes, weights is not None, dict(model_kwargs))
     if weights is not None:
         load_weights(model, weights, num_classes=num_classes, name=name)
+    else:
+        log.warning("%s: no weights given: random initialisation (weights=<a local file> for a trained network)", name)
+    fixed = fixed_input_size(model)
+    if image_size is None and fixed is not None and not isinstance(preprocess, Preprocess):
+        image_size = fixed  # a ViT's position table fixes its input size: resize to it
+        log.info("%s takes %dx%d inputs: resizing to that (image_size=...)", name, *fixed)
     if isinstance(preprocess, Preprocess):
         if image_size is not None:
             raise ValueError("build_encoder: image_size goes with a preprocess mode; give Preprocess(size=...) instead")

@@ -66,8 +66,8 @@ def list_snapshots(run_dir: str | Path) -> list[tuple[float, Path]]:
 
 class EpochSnapshots(L.Callback):
     """The network's weights before training (epoch 0), after every ``every_n_epochs``-th epoch
-    (``<run>/epochs/epoch_<k>.safetensors``) and after the optimizer steps in ``at_steps``
-    (``step_<n>.safetensors``, metadata ``epoch`` = the fraction of epochs done: a finer look at the first epochs).
+    (``<run>/epochs/epoch_<k>.safetensors``), after the optimizer steps in ``at_steps`` and where training ended
+    mid-epoch (``step_<n>.safetensors``, metadata ``epoch`` = the fraction of epochs done).
     Written atomically by the main process. A resumed run keeps and continues the series; a run started afresh in
     the folder (``overwrite=true``) removes the earlier run's snapshots first."""
 
@@ -101,6 +101,15 @@ class EpochSnapshots(L.Callback):
         if step in self.at_steps:
             path = snapshot_path(trainer.default_root_dir, step=step)
             self._write(trainer, module, path, step / _steps_per_epoch(trainer))  # type: ignore[arg-type]
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """The weights training ended with, when that was not at the end of an epoch (max_steps mid-epoch): the last
+        point of the series is the trained network."""
+        step, per_epoch = trainer.global_step, _steps_per_epoch(trainer)
+        root = trainer.default_root_dir
+        if step == 0 or (step % per_epoch == 0 and snapshot_path(root, step // per_epoch).is_file()):
+            return
+        self._write(trainer, module, snapshot_path(root, step=step), step / per_epoch)  # type: ignore[arg-type]
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not _epoch_complete(trainer):  # (not an epoch cut short by max_steps)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -106,14 +107,29 @@ def _stages(net: Network, wanted: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ pairs
 
 
+def pairs_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.pairs`` as a plain dict; ``pairs=folder`` without ``pairs.folder`` is a one-line error."""
+    node = cfg.get("pairs")
+    if node is None:
+        return {}
+    if OmegaConf.is_missing(node, "folder"):
+        raise ValueError("pairs.folder: required with pairs=folder (a folder of <texIdx>_<cls>_<imgid>.jpg images)")
+    return dict(_plain(node))
+
+
 def stimuli(pairs_cfg: Mapping[str, Any], defaults: Mapping[str, Any], split: str = "test") -> Any:
-    """The stylised images pairs are drawn from: a folder in the official naming (``folder``), or cue-conflict
-    silhouettes of ``split`` (settings from ``pairs_cfg``, else the network's own ``defaults``)."""
+    """The stylised images pairs are drawn from: a folder in the official naming (``folder``; read at
+    ``pairs.image_size``, else the network's input size, else 64), or cue-conflict silhouettes of ``split``
+    (settings from ``pairs_cfg``, else the network's own ``defaults``)."""
     from shapebias.data import CueConflict, StylizedFolder
 
     p = dict(pairs_cfg)
     if p.get("folder"):
-        return StylizedFolder(p["folder"], image_size=int(p.get("image_size") or defaults.get("image_size") or 64))
+        size = int(p.get("image_size") or defaults.get("image_size") or 64)
+        folder = StylizedFolder(p["folder"], image_size=size)
+        skipped = f"; {folder.num_skipped} unreadable files skipped" if folder.num_skipped else ""
+        log.info("%s: %d stylised images, read at %dx%d%s", p["folder"], len(folder), size, size, skipped)
+        return folder
 
     def pick(key: str, fallback: Any) -> Any:
         return p[key] if p.get(key) is not None else defaults.get(key, fallback)
@@ -129,6 +145,15 @@ def stimuli(pairs_cfg: Mapping[str, Any], defaults: Mapping[str, Any], split: st
     )
 
 
+def _defaults(net: Network, cfg: DictConfig) -> dict[str, Any]:
+    """The settings pairs fall back to: the network's training data (a shapebias run), else for a folder read by an
+    encoder given by name, the encoder's ``image_size`` (the paper reads SVOC at 513)."""
+    if net.data or cfg.get("image_size") is None:
+        return net.data
+    size = cfg.image_size
+    return {"image_size": int(size if isinstance(size, int) else _plain(size)[0])}
+
+
 def pair_loader(
     dataset: Any, *, num_pairs: int | None, sampling: str, batch_size: int, seed: int, num_workers: int = 0
 ) -> DataLoader:
@@ -137,6 +162,8 @@ def pair_loader(
     from shapebias.data import FactorPairs
 
     pairs: Any = FactorPairs(dataset, seed=seed, sampling=sampling)
+    if num_pairs is not None and num_pairs > len(pairs):
+        log.info("num_pairs=%d but %d images: one pass, every image as example 1 once", num_pairs, len(pairs))
     if num_pairs is not None and num_pairs < len(pairs):
         pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:num_pairs]
         pairs = Subset(pairs, pick.sort().values.tolist())
@@ -159,19 +186,37 @@ def _dims_table(estimates: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _write_dims(estimates: Mapping[str, Any], out: Path, title: str) -> dict[str, Any]:
+def _write_dims(estimates: Mapping[str, Any], out: Path, title: str, about: Mapping[str, Any]) -> dict[str, Any]:
+    """dims.json (``about``: what was measured; then ``stages``), dims.csv (the official two rows per stage),
+    dims.png."""
     from shapebias.plots import plot_dims
 
-    result = {s: e.as_dict() for s, e in estimates.items()}
+    stages = {s: e.as_dict() for s, e in estimates.items()}
+    result = {**about, "stages": stages}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(result, out / "dims.json")
     with io.atomic_path(out / "dims.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)  # per stage, the official script's two rows: neurons, then % (shape, texture, residual)
+        writer = csv.writer(f, lineterminator="\n")  # per stage, the official script's rows: neurons, then %
         for s, e in estimates.items():
             writer.writerow([s, *e.dims])
             writer.writerow([s, *e.percent])
-    plot_dims({s: r["percent"] for s, r in result.items()}, out / "dims.png", title=title)
+    plot_dims({s: r["percent"] for s, r in stages.items()}, out / "dims.png", title=title)
     return result
+
+
+def _about(net: Network, cfg: DictConfig, loader: DataLoader) -> dict[str, Any]:
+    """What a dims result was measured on: the network and its weights, the inputs, the pairs."""
+    pairs = pairs_settings(cfg)
+    return {
+        "network": net.name,
+        "weights": cfg.get("weights") if cfg.get("encoder") is not None else str(cfg.get("checkpoint")),
+        "random_init": cfg.get("encoder") is not None and cfg.get("weights") is None,
+        "preprocess": cfg.get("preprocess") or ("imagenet" if cfg.get("encoder") is not None else "none"),
+        "image_size": _plain(cfg.get("image_size")),
+        "pairs": len(loader.dataset),
+        "pair_sampling": str(cfg.get("pair_sampling", "uniform")),
+        "source": pairs.get("folder") or "cue_conflict",
+    }
 
 
 def _network_and_pairs(cfg: DictConfig, device: torch.device) -> tuple[Network, list[str], DataLoader]:
@@ -179,7 +224,7 @@ def _network_and_pairs(cfg: DictConfig, device: torch.device) -> tuple[Network, 
     net = load_network(cfg, device)
     stages = _stages(net, cfg.get("stages"))
     loader = pair_loader(
-        stimuli(cfg.get("pairs") or {}, net.data),
+        stimuli(pairs_settings(cfg), _defaults(net, cfg)),
         num_pairs=cfg.get("num_pairs"),
         sampling=str(cfg.get("pair_sampling", "uniform")),
         batch_size=int(cfg.get("batch_size", 32)),
@@ -198,7 +243,7 @@ def dims(cfg: Any) -> dict[str, Any]:
     net, stages, loader = _network_and_pairs(cfg, device)
     estimates = _estimate(net, loader, stages, device, f"features of {len(loader.dataset)} pairs")
     out = Path(str(cfg.out_dir))
-    result = _write_dims(estimates, out, f"{net.name}: dimensions per stage")
+    result = _write_dims(estimates, out, f"{net.name}: dimensions per stage", _about(net, cfg, loader))
     log.info("dimensions per stage of %s:\n%s", net.name, _dims_table(estimates))
     log.info("wrote %s", out / "dims.json")
     return result
@@ -247,15 +292,13 @@ def dynamics(cfg: Any) -> dict[str, Any]:
     plot_dynamics(epochs, percent, out / "dynamics.png", title=f"{net.name}: dimensions over training")
     for s in stages:
         r = reached[s]
-        log.info(
-            "stage %s: shape %.1f%% at initialisation -> %.1f%% at the end; half of that change by epoch %s, 90%% by "
-            "epoch %s",
-            s,
-            percent[s][0]["shape"],
-            percent[s][-1]["shape"],
-            r["half"],
-            r["ninety"],
+        start, end = percent[s][0]["shape"], percent[s][-1]["shape"]
+        when = (
+            f"half of that change by epoch {r['half']:g}, 90% by epoch {r['ninety']:g}"
+            if r["half"] is not None
+            else "no change"
         )
+        log.info("stage %s: shape %.1f%% at the first snapshot -> %.1f%% at the last; %s", s, start, end, when)
     log.info("wrote %s", out / "dynamics.json")
     return result
 
@@ -291,6 +334,21 @@ def split_by_content(dataset: Any, fraction: float, seed: int) -> tuple[Subset, 
     return Subset(dataset, np.flatnonzero(~is_held).tolist()), Subset(dataset, np.flatnonzero(is_held).tolist())
 
 
+@contextlib.contextmanager
+def _lightning_info_off() -> Any:
+    """Lightning's per-fit info lines (devices, "max_steps reached") off while the readouts' short fits run: the
+    task's own progress lines say where it is."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def readout(cfg: Any) -> dict[str, Any]:
     """``shapebias-readout``: for each stage and each task (binary shape masks, semantic masks), a PosENet readout
     trained on the frozen network's features of held-in cue-conflict images, scored on held-out ones (mIoU) ->
@@ -310,12 +368,13 @@ def readout(cfg: Any) -> dict[str, Any]:
     device = run.task_device(cfg)
     net = load_network(cfg, device)
     stages = _stages(net, cfg.get("stages"))
-    pairs_cfg = dict(_plain(cfg.get("pairs") or {}))
+    pairs_cfg = pairs_settings(cfg)
+    defaults = _defaults(net, cfg)
     if pairs_cfg.get("folder"):  # one folder: a fifth of its contents (all their textures) held out for scoring
-        train_set, val_set = split_by_content(stimuli(pairs_cfg, net.data), 0.2, int(cfg.get("seed", 0)))
+        train_set, val_set = split_by_content(stimuli(pairs_cfg, defaults), 0.2, int(cfg.get("seed", 0)))
     else:
-        train_set = stimuli({**pairs_cfg, "num_contents": int(cfg.train_contents)}, net.data, split="train")
-        val_set = stimuli({**pairs_cfg, "num_contents": int(cfg.val_contents)}, net.data, split="test")
+        train_set = stimuli({**pairs_cfg, "num_contents": int(cfg.train_contents)}, defaults, split="train")
+        val_set = stimuli({**pairs_cfg, "num_contents": int(cfg.val_contents)}, defaults, split="test")
     num_classes = int(getattr(train_set, "num_classes", None) or train_set.dataset.num_classes)
     bs = int(cfg.batch_size)
     steps = int(cfg.steps)
@@ -356,8 +415,8 @@ def readout(cfg: Any) -> dict[str, Any]:
                 generator=torch.Generator().manual_seed(int(cfg.get("seed", 0))),
                 num_workers=int(cfg.get("num_workers", 0)),
             )
-            with warnings.catch_warnings():
-                for message in run.EXPECTED_LIGHTNING_WARNINGS:
+            with warnings.catch_warnings(), _lightning_info_off():
+                for message in (*run.EXPECTED_LIGHTNING_WARNINGS, "You defined a `validation_step` but have no"):
                     warnings.filterwarnings("ignore", message=message)
                 trainer.fit(module, train_dataloaders=loader)
             scores = module.to(device).evaluate_miou(DataLoader(val_set, batch_size=bs, shuffle=False))
@@ -497,7 +556,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     loader = pair_loader(ds, num_pairs=int(cfg.num_samples), sampling="uniform", batch_size=bs, seed=seed)
     estimates = _estimate(net, loader, list(net.extractor.stage_names), module.device, "dimension estimate")
     out = Path(str(cfg.out_dir))
-    _write_dims(estimates, out, f"{cfg.checkpoint}: dimensions per stage")
+    about = {"network": str(cfg.checkpoint), "pairs": len(loader.dataset), "source": "cue_conflict"}
+    _write_dims(estimates, out, f"{cfg.checkpoint}: dimensions per stage", about)
     for s, e in estimates.items():
         for k, name in enumerate(e.names):
             metrics[f"dims/{s}/{name}"] = e.percent[k]
