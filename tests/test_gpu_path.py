@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gencore.data.fashion_mnist import DEFAULT_ROOT
+from gencore.io import GENLAB_NAMESPACES
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -21,18 +22,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 needs_fmnist = pytest.mark.skipif(
     not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST missing (make data)"
 )
-PACKAGES = [
-    "taming",
-    "ldm",
-    "sd3_flow",
-    "ladd_turbo",
-    "gen1_video",
-    "twostream_inpaint",
-    "imagebart",
-    "geofree",
-    "net2net",
-    "shapebias",
-]
+PACKAGES = [name for name in GENLAB_NAMESPACES if name != "gencore"]  # the ten packages
 
 
 @pytest.mark.slow
