@@ -284,6 +284,7 @@ def test_console_script_end_to_end(tmp_path):
     assert type(module).__name__ == "FMNISTClassifierModule"
 
 
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_compile_callback_compiles_the_trainable_networks_in_place():
     """callbacks=compile: the trainable children are compiled in place (backend eager here: no code generation on
     the CI machine), the state dict keeps its keys, training runs as without it; a wrong name is a clear error."""
