@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _harness import RESULTS, count_flops, machine, sync, timeit
+from _harness import RESULTS, count_flops, machine, matmul_rate, sync, timeit
 
 from gencore.attention import attention, available_backends
 from gencore.testing import randomize_parameters
@@ -59,13 +59,6 @@ class Sizes:
 
 GPU = Sizes("cuda", torch.bfloat16, 24, 4, 64, 154, 4, "sd_v1", 64, 64, (4, 24, 1178, 64), 10)
 CPU = Sizes("cpu", torch.float32, 2, 2, 8, 10, 1, "tiny", 8, 2, (1, 2, 74, 16), 2)
-
-
-def matmul_rate(device: str, dtype: torch.dtype, n: int) -> float:
-    """The measured matmul rate (FLOP/s) of ``dtype`` on ``device`` (an n^3 product)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    t = timeit(lambda: a @ b, warmup=3, runs=10)["median"]
-    return 2 * n**3 / t
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> float | None:
@@ -108,6 +101,13 @@ class Measured:
     peak_gib: float | None
     ref_peak_gib: float | None = None
     extra: str = ""
+
+
+def versus(name: str, step_ours: Callable[[], None], step_ref: Callable[[], None], flops: int, s: Sizes) -> Measured:
+    """A step row: the median times of ours and the reference, and each one's peak memory."""
+    t_ours = timeit(step_ours, warmup=2, runs=s.runs)["median"]
+    t_ref = timeit(step_ref, warmup=2, runs=s.runs)["median"]
+    return Measured(name, t_ours, t_ref, flops, peak_memory(step_ours, s.device), peak_memory(step_ref, s.device))
 
 
 # ------------------------------------------------------------------------------------------------------- MMDiT
@@ -165,17 +165,14 @@ def mmdit_row(s: Sizes) -> tuple[Measured, str]:
     analytic = mmdit_flops(cfg, s.batch, n_img, s.text_tokens)
     if s.device == "cpu" and not 0.9 < counted / analytic < 1.35:
         raise AssertionError(f"MMDiT FLOPs: counted {counted:.3e} vs analytic {analytic:.3e}")
-    t_ours = timeit(step_ours, warmup=2, runs=s.runs)["median"]
-    t_ref = timeit(step_ref, warmup=2, runs=s.runs)["median"]
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    m = Measured(
+    m = versus(
         f"MMDiT train step, hidden {64 * s.mmdit_depth} x {s.mmdit_blocks} blocks ({params:.0f} M), batch {s.batch}, "
         f"{n_img} image + {s.text_tokens} text tokens: ours vs diffusers SD3Transformer2DModel",
-        t_ours,
-        t_ref,
+        step_ours,
+        step_ref,
         counted,
-        peak_memory(step_ours, s.device),
-        peak_memory(step_ref, s.device),
+        s,
     )
     note = f"MMDiT: outputs agree to {diff:.1e} (fp32); FLOPs counted {counted / 1e12:.2f} T"
     note += f", analytic {analytic / 1e12:.2f} T"
@@ -213,17 +210,14 @@ def unet_row(s: Sizes) -> tuple[Measured, str]:
     counted_ref = count_flops(step_ref)
     if s.device == "cpu" and not 0.95 < counted / counted_ref < 1.05:
         raise AssertionError(f"UNet FLOPs: ours {counted:.3e} vs diffusers {counted_ref:.3e} (the same network)")
-    t_ours = timeit(step_ours, warmup=2, runs=s.runs)["median"]
-    t_ref = timeit(step_ref, warmup=2, runs=s.runs)["median"]
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    m = Measured(
+    m = versus(
         f"LDM UNet train step, preset {s.unet_preset} ({params:.0f} M), batch {s.batch}, {s.unet_latent}^2 latents: "
         "ours vs diffusers UNet2DConditionModel",
-        t_ours,
-        t_ref,
+        step_ours,
+        step_ref,
         counted,
-        peak_memory(step_ours, s.device),
-        peak_memory(step_ref, s.device),
+        s,
     )
     return (
         m,
@@ -339,7 +333,7 @@ def main() -> None:
     if s.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rate = matmul_rate(s.device, s.dtype, 8192 if s.device == "cuda" else 512)
+    rate = matmul_rate(8192 if s.device == "cuda" else 512, s.device, s.dtype, runs=10)
     measured, notes = [], []
     if "mmdit" not in args.skip:
         m, n = mmdit_row(s)

@@ -43,13 +43,6 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def _positive(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key}: expected an integer >= 1, got {value!r}")
-
-
 def _write_json(obj: Any, path: Path) -> Path:
     with io.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2))
@@ -98,10 +91,8 @@ def load_network(cfg: DictConfig, device: torch.device) -> Network:
 
 
 def _stages(net: Network, wanted: Any) -> list[str]:
-    names = list(net.extractor.stage_names)
-    if wanted is None:
-        return names
-    return net.extractor.select([str(s) for s in ([wanted] if isinstance(wanted, (str, int)) else _plain(wanted))])
+    """The requested stages (all when None) in the network's order; an unknown one is a ValueError naming it."""
+    return net.extractor.select(_plain(wanted))
 
 
 # ------------------------------------------------------------------------------------------------------ pairs
@@ -238,7 +229,7 @@ def dims(cfg: Any) -> dict[str, Any]:
     """``shapebias-dims``: shape / texture / residual dimensions of every requested stage -> dims.json, dims.csv
     (the official two rows per stage: neurons, %), dims.png."""
     cfg = _cfg(cfg)
-    _positive(cfg, "num_pairs", "batch_size")
+    run.check_sample_config(cfg, ("num_pairs",))
     device = run.task_device(cfg)
     net, stages, loader = _network_and_pairs(cfg, device)
     estimates = _estimate(net, loader, stages, device, f"features of {len(loader.dataset)} pairs")
@@ -259,7 +250,7 @@ def dynamics(cfg: Any) -> dict[str, Any]:
     from shapebias.plots import plot_dynamics
 
     cfg = _cfg(cfg)
-    _positive(cfg, "num_pairs", "batch_size")
+    run.check_sample_config(cfg, ("num_pairs",))
     folder = io.resolve_path(str(cfg.checkpoint))
     snaps = list_snapshots(folder)
     if not snaps:
@@ -272,8 +263,7 @@ def dynamics(cfg: Any) -> dict[str, Any]:
     per_epoch: dict[float, dict[str, Any]] = {}
     for epoch, path in snaps:
         state, source = io.read_state_dict(path)
-        io.load_state_dict(net.module.net, state, source=source)
-        net.module.net.to(device).eval()
+        io.load_state_dict(net.module.net, state, source=source)  # (in place: the frozen extractor's device and mode)
         estimates = _estimate(net, loader, stages, device, f"epoch {epoch:g}")
         per_epoch[epoch] = {s: e.as_dict() for s, e in estimates.items()}
         log.info("epoch %g:\n%s", epoch, _dims_table(estimates))
@@ -359,7 +349,7 @@ def readout(cfg: Any) -> dict[str, Any]:
     from shapebias.readout import ReadoutModule, StageReadout
 
     cfg = _cfg(cfg)
-    _positive(cfg, "steps", "batch_size", "train_contents", "val_contents")
+    run.check_sample_config(cfg, ("steps", "train_contents", "val_contents"))
     tasks = [str(t) for t in ([cfg.tasks] if isinstance(cfg.tasks, str) else _plain(cfg.tasks))]
     for t in tasks:
         if t not in ("binary", "semantic"):
@@ -445,7 +435,7 @@ def data(cfg: Any) -> dict[str, Any]:
     from shapebias.data import CueConflict, FactorPairs, write_dataset
 
     cfg = _cfg(cfg)
-    _positive(cfg, "num_contents", "image_size", "preview")
+    run.check_sample_config(cfg, ("num_contents", "image_size", "preview"))
     method = str(cfg.get("method", "silhouette"))
     out = Path(str(cfg.out_dir))
     ds = CueConflict(
